@@ -1,0 +1,158 @@
+"""Typed configuration: frozen dataclasses, named presets, dotted overrides and JSON round trips.
+
+Configs are data. They are read once, by the builders in `model.py`, and never mutated; `override` returns a new
+config. Training configs join this file with the training issue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The original's inference system prompt (spec §4.1), kept verbatim for the imported SparklesChat-7B.
+SPARKLESCHAT_SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
+                       "provide it to you. Please answer my questions.")
+# Ours: written for several images, and used in training as well as chat (the original trained without one).
+MULTI_IMAGE_SYSTEM = ("You see the images the user shows, each named IMAGE#k where it appears. "
+                      "Answer about them, naming each image you talk about.")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    kind: Literal["tiny", "hf", "blip2"] = "tiny"  # our small ViT | any HF vision model | BLIP-2 ViT + Q-Former
+    path: str | None = None  # local folder or hub id of pretrained weights (hf, blip2)
+    config: dict = field(default_factory=dict)  # tiny: ViT sizes; hf/blip2: the HF config, to build without weights
+    feature_layer: int = -1  # hidden state the connector reads (LLaVA uses -2)
+    drop_cls: bool = True  # drop a leading CLS token so only patch tokens remain
+    image_size: int = 224  # images are squashed to this square size, as the original does
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    kind: Literal["tiny", "hf"] = "tiny"  # a small causal LM built from config | any HF causal LM
+    path: str | None = None  # local folder or hub id of pretrained weights
+    config: dict = field(default_factory=dict)  # tiny: LlamaConfig fields; hf: the HF config, to build without weights
+    tokenizer: str | None = None  # tokenizer folder or id; None = `path`, or our byte tokenizer for "tiny"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = VisionConfig()
+    language: LanguageConfig = LanguageConfig()
+    connector: Literal["linear", "mlp", "resampler"] = "mlp"
+    tokens_per_image: int = 16  # K: image tokens per image after the connector (SparklesChat: 32)
+    template: Literal["sparkles", "chat_template"] = "sparkles"  # `###Human:` form, or the tokenizer's own
+    system_prompt: str = MULTI_IMAGE_SYSTEM  # "" for none
+    image_token: str = "<image>"  # the special token whose positions receive image embeddings
+    max_images: int = 16  # per conversation
+    max_seq_len: int = 2048  # prompt + answer, in tokens
+    trainable: tuple[str, ...] = ("connector",)  # parts that learn: any of vision, connector, lm
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; HF's rule: divide positive logits, multiply negative ones
+    stop: tuple[str, ...] = ()  # extra stop strings; the template's own stop is always added
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+                  (self.temperature >= 0, "temperature must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.top_k >= 0, "top_k must be >= 0"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message}, got {self}")
+
+
+# A tiny model for tests and smoke runs: 64-pixel images, 16 image tokens, a 2-layer LM over a byte vocabulary.
+TINY = ModelConfig(
+    vision=VisionConfig(kind="tiny", image_size=64, config={"patch_size": 8, "width": 64, "depth": 2, "heads": 4}),
+    language=LanguageConfig(kind="tiny", config={"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+                                                 "num_attention_heads": 4, "num_key_value_heads": 4,
+                                                 "max_position_embeddings": 2048}),
+    connector="resampler", tokens_per_image=16, max_seq_len=2048)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build a (nested) config dataclass from plain data, rejecting unknown keys with the list of valid ones."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _coerce(hints[key], value, key) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    """Turn JSON or command-line values into the field's type (tuples from lists, dataclasses from dicts)."""
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        return value if isinstance(value, kind) else from_dict(kind, value)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None or value == "None":
+            return None
+        return _coerce(options[0], value, key)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        inner = typing.get_args(kind)[0]
+        return tuple(_coerce(inner, v, key) for v in items if v != "")
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise ConfigError(f"{key} must be one of {list(typing.get_args(kind))}, got {value!r}")
+        return value
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if kind in (int, float, str) and not isinstance(value, kind):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}") from None
+    if kind is dict and isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
+def override(config: Any, overrides: dict[str, Any]) -> Any:
+    """Apply dotted `key=value` overrides (``vision.image_size=64``) to a config, returning a new one."""
+    for dotted, value in overrides.items():
+        config = _set(config, dotted.split("."), value, dotted)
+    return config
+
+
+def _set(config: Any, keys: list[str], value: Any, dotted: str) -> Any:
+    names = {f.name for f in dataclasses.fields(config)}
+    if keys[0] not in names:
+        raise ConfigError(f"unknown key {dotted!r}; valid keys here: {sorted(names)}")
+    current = getattr(config, keys[0])
+    if len(keys) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{dotted!r}: {keys[0]} has no sub-keys")
+        new = _set(current, keys[1:], value, dotted)
+    else:
+        new = _coerce(typing.get_type_hints(type(config))[keys[0]], value, dotted)
+    return dataclasses.replace(config, **{keys[0]: new})

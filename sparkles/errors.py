@@ -1,0 +1,29 @@
+"""The errors a user can fix, as one small hierarchy.
+
+Front ends map them to something a person reads: the CLI prints ``error: …`` and exits 2, the server answers
+HTTP 400. Anything that is not a ``SparklesError`` is a bug of ours and keeps its traceback.
+"""
+
+
+class SparklesError(Exception):
+    """Something the user can fix: a bad input, config or checkpoint."""
+
+
+class ConfigError(SparklesError):
+    """An unknown key, a value of the wrong type, or parts that do not fit together."""
+
+
+class InputError(SparklesError):
+    """A bad conversation: role order, an unknown part, an unknown IMAGE# reference, too many images."""
+
+
+class ImageLoadError(InputError):
+    """An image that cannot be read: missing, unreadable, too large, or from a source that is not allowed."""
+
+
+class ContextLengthError(InputError):
+    """The conversation does not fit the model's context."""
+
+
+class CheckpointError(SparklesError):
+    """A checkpoint folder or file that is missing parts, or whose keys or shapes do not fit the model."""

@@ -1,0 +1,246 @@
+"""The one image loader: paths, bytes, data: URIs, http(s) URLs and PIL images all become a `LoadedImage`.
+
+A loaded image is fully decoded RGB with its EXIF orientation applied, plus a content hash. Every failure is an
+`ImageLoadError` that says what was expected and what came. No torch and no resizing here: turning pixels into
+model inputs is the vision encoder's preprocessing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from .conversation import Conversation, Message
+from .conversation import Image as ConversationImage
+from .errors import ImageLoadError
+
+DEFAULT_MAX_BYTES = 20 * 2**20  # refuse sources larger than this
+DEFAULT_MAX_PIXELS = 6000 * 6000  # refuse images whose width*height exceeds this (decompression bombs)
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    pixels: Image.Image = field(compare=False, repr=False)  # RGB, EXIF orientation applied, fully loaded
+    sha256: str  # of the source bytes; for a PIL image given directly, of its mode, size and raw pixels
+    source: str  # what was loaded, for messages: a path, a shortened data: URI, a URL, "<bytes>" or "<PIL image>"
+
+
+def image_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def to_data_uri(image: Image.Image, format: str = "PNG") -> str:
+    """Encode `image` as a ``data:image/…;base64,`` URI (JPEG drops alpha, since it cannot carry it)."""
+    format = "JPEG" if format.upper() in ("JPG", "JPEG") else format.upper()
+    if format == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
+        image = _to_rgb(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    mime = Image.MIME.get(format, f"image/{format.lower()}")
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def load_image(
+    source,
+    *,
+    allow_http: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout: float = 10.0,
+    root: str | os.PathLike | None = None,
+) -> LoadedImage:
+    """Load `source` (a path, bytes, data: URI, http(s) URL or PIL image) as RGB pixels; see the module docstring."""
+    if isinstance(source, Image.Image):
+        pixels = _decode(lambda: source, "<PIL image>", max_pixels)  # loads it, so tobytes() below is cheap
+        digest = hashlib.sha256(f"{source.mode} {source.width}x{source.height}\n".encode())
+        digest.update(bytes(source.getpalette() or ()) if source.mode == "P" else b"")  # indices alone say little
+        digest.update(source.tobytes())
+        return LoadedImage(pixels, digest.hexdigest(), "<PIL image>")
+    data, label = _read_source(source, allow_http, max_bytes, timeout, root)
+    pixels = _decode(lambda: Image.open(io.BytesIO(data)), label, max_pixels)
+    return LoadedImage(pixels, image_sha256(data), label)
+
+
+def _read_source(source, allow_http: bool, max_bytes: int, timeout: float, root) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        _check_bytes(len(data), "<bytes>", max_bytes)
+        return data, "<bytes>"
+    if isinstance(source, str):
+        if not source.strip():
+            raise ImageLoadError("expected an image path, data: URI or URL, got an empty string")
+        if source[:5].lower() == "data:":
+            label = source if len(source) <= 40 else source[:39] + "…"
+            return _read_data_uri(source, label, max_bytes), label
+        scheme = _URL_SCHEME.match(source)
+        if scheme and scheme.group(1).lower() in ("http", "https"):
+            if not allow_http:
+                raise ImageLoadError(
+                    f"cannot load image {source}: http(s) images are turned off; "
+                    "pass allow_http=True to load_image to allow them"
+                )
+            return _read_url(source, max_bytes, timeout), source
+        if scheme:
+            raise ImageLoadError(
+                f"cannot load image {source}: expected a file path, data: URI or http(s) URL, "
+                f"got a {scheme.group(1)}:// URL"
+            )
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(os.fspath(source)).expanduser()
+        if root is not None and not path.is_absolute():
+            path = Path(root).expanduser() / path
+        return _read_file(path, max_bytes), str(path)
+    raise ImageLoadError(
+        f"expected an image path, bytes, data: URI, http(s) URL or PIL image, got {type(source).__name__}"
+    )
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        if path.is_dir():
+            raise ImageLoadError(f"expected an image file, got a directory: {path}")
+        _check_bytes(path.stat().st_size, str(path), max_bytes)
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)  # stat can lie (pipes, /dev files, a file growing under us)
+    except FileNotFoundError:
+        raise ImageLoadError(f"image file not found: {path}") from None
+    except PermissionError:
+        raise ImageLoadError(f"cannot read image file {path}: permission denied") from None
+    except OSError as e:
+        raise ImageLoadError(f"cannot read image file {path}: {e.strerror or e}") from e
+    _check_bytes(len(data), str(path), max_bytes)
+    return data
+
+
+def _read_data_uri(uri: str, label: str, max_bytes: int) -> bytes:
+    header, comma, payload = uri[5:].partition(",")
+    if not comma:
+        raise ImageLoadError(f"cannot read image {label}: expected data:<type>[;base64],<data>, found no comma")
+    if not header.lower().endswith(";base64"):
+        data = urllib.parse.unquote_to_bytes(payload)  # the plain form percent-encodes its bytes
+    else:
+        payload = re.sub(r"\s+", "", urllib.parse.unquote(payload))
+        payload += "=" * (-len(payload) % 4)  # some encoders drop the padding
+        # Refuse from the encoded length before decoding: 4 base64 characters carry 3 bytes.
+        _check_bytes(len(payload) // 4 * 3 - payload[-2:].count("="), label, max_bytes)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ImageLoadError(f"cannot read image {label}: expected valid base64 after the comma ({e})") from e
+    _check_bytes(len(data), label, max_bytes)
+    return data
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    # The stdlib follows redirects to ftp:// too, and turns file:// ones into a bare HTTPError: refuse both here.
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = urllib.parse.urljoin(req.full_url, headers.get("Location") or headers.get("URI") or "")
+        if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
+            fp.close()
+            raise ImageLoadError(f"cannot fetch image {req.full_url}: expected a redirect to http(s), got {target}")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _read_url(url: str, max_bytes: int, timeout: float) -> bytes:
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit():
+                _check_bytes(int(length), url, max_bytes)
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise ImageLoadError(f"cannot fetch image {url}: expected HTTP 200, got {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise ImageLoadError(f"cannot fetch image {url}: {e.reason}") from e
+    except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
+        raise ImageLoadError(f"cannot fetch image {url}: {e}") from e
+    _check_bytes(len(data), url, max_bytes)
+    return data
+
+
+def _check_bytes(size: int, label: str, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageLoadError(
+            f"image {label} is larger than {max_bytes} bytes (got {size}); raise max_bytes to allow it"
+        )
+
+
+def _check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            f"image {label} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
+            "raise max_pixels to allow it"
+        )
+
+
+def _decode(open_image, label: str, max_pixels: int) -> Image.Image:
+    """Open, size-check, decode and orient an image; `open_image` runs inside the error handling."""
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; make it refuse instead, without touching the global.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = open_image()
+            _check_pixels(image.size, label, max_pixels)  # the header alone gives the size: nothing is decoded yet
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageLoadError(f"image {label} is too large to decode safely ({e})") from e
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageLoadError(f"cannot read image {label}: not an image file or corrupt ({e})") from e
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        # Transparent areas are usually meant as background; black would turn dark-on-clear drawings into black boxes.
+        rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")  # PIL has no La->RGBA
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode.startswith("I"):
+        # 16-bit greys (PNG, TIFF) would clip to white in a plain convert: scale them to 8 bits.
+        wide = image.convert("I")
+        if wide.getextrema()[1] > 255:
+            wide = wide.point(lambda v: v / 256)
+        return wide.convert("L").convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def image_part(source, **kwargs) -> ConversationImage:
+    """An image part of a conversation with its pixels loaded; `kwargs` go to `load_image`."""
+    loaded = load_image(source, **kwargs)
+    name = source if isinstance(source, str) and not source.startswith("data:") else loaded.source
+    return ConversationImage(source=str(name), pixels=loaded.pixels, sha256=loaded.sha256)
+
+
+def load_images(conversation: Conversation, **kwargs) -> Conversation:
+    """The conversation with pixels loaded for every image part that has a source but no pixels yet."""
+
+    def load(part):
+        if not isinstance(part, ConversationImage) or part.pixels is not None:
+            return part
+        if part.source is None:
+            raise ImageLoadError(f"{part.name} has neither pixels nor a source to load them from")
+        loaded = load_image(part.source, **kwargs)
+        return replace(part, pixels=loaded.pixels, sha256=loaded.sha256)
+
+    messages = tuple(Message(m.role, tuple(load(p) for p in m.parts)) for m in conversation.messages)
+    return replace(conversation, messages=messages)
