@@ -1,0 +1,163 @@
+"""Checkpoint folders: ``config.json`` + ``model.safetensors`` + tokenizer files; and the original's ``.pth`` import.
+
+A folder holds either every weight (it rebuilds from the HF configs recorded in ``config.json``) or only the
+trainable ones (the frozen parts load from the pretrained folders the config names, as a LoRA adapter does).
+SparklesChat-7B composes from its released projection, a BLIP-2 folder and a Vicuna folder (spec §5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import SPARKLESCHAT_SYSTEM, TINY, LanguageConfig, ModelConfig, VisionConfig, from_dict, to_dict
+from .errors import CheckpointError
+from .model import VisionLanguageModel, build_model
+from .processor import Processor
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default"
+FORMAT = "sparkles-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(model: VisionLanguageModel, processor: Processor, folder: str | os.PathLike, *,
+                    trainable_only: bool = False) -> Path:
+    """Write the folder atomically: into a temporary sibling, then renamed over the target."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+        state = {k: v for k, v in model.state_dict().items() if names is None or k in names}
+        # Tied weights share storage; safetensors refuses that, so each tensor gets its own copy.
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        meta = {"format": FORMAT, "version": VERSION, "weights": "trainable" if trainable_only else "all",
+                "model": to_dict(model.config)}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        processor.tokenizer.save_pretrained(str(tmp))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, str]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a Sparkles checkpoint: it has no config.json")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a Sparkles checkpoint config (format {meta.get('format')!r})")
+    return from_dict(ModelConfig, meta["model"]), meta["weights"]
+
+
+def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> tuple[VisionLanguageModel, Processor]:
+    """Model (in eval mode) and processor from a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    from .tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    config, weights = read_config(folder)
+    tokenizer = load_tokenizer(str(folder))
+    # A full checkpoint needs no pretrained folders; a trainable-only one reads the frozen parts from them.
+    model, processor = build_model(config, load_weights=weights == "trainable", tokenizer=tokenizer)
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise CheckpointError(f"{folder}: weights the model does not have: {unexpected[:5]}")
+    if weights == "all" and missing:
+        raise CheckpointError(f"{folder}: weights missing from the checkpoint: {missing[:5]}")
+    model.lm.tie_weights() if weights == "all" and getattr(model.lm.config, "tie_word_embeddings", False) else None
+    return model.to(device=device, dtype=dtype).eval(), processor
+
+
+def sparkleschat_config(blip2: str, vicuna: str) -> ModelConfig:
+    """SparklesChat-7B as the original composes it (spec §3): BLIP-2 ViT-g + Q-Former, Linear(768, 4096), Vicuna."""
+    return ModelConfig(
+        vision=VisionConfig(kind="blip2", path=blip2, image_size=224),
+        language=LanguageConfig(kind="hf", path=vicuna),
+        connector="linear", tokens_per_image=32, template="sparkles", system_prompt=SPARKLESCHAT_SYSTEM,
+        image_token="<ImageHere>", max_images=16, max_seq_len=2000, trainable=("connector",))
+
+
+def import_projection(pth: str | os.PathLike, model: VisionLanguageModel) -> None:
+    """Load `llama_proj.weight` / `.bias` of an original SparklesChat or MiniGPT-4 `.pth` into the connector."""
+    try:
+        ckpt = torch.load(str(pth), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file not found: {pth}") from None
+    except Exception as e:  # unpickling errors come in many types; all mean the same to the user
+        raise CheckpointError(f"cannot read {pth} as a SparklesChat/MiniGPT-4 checkpoint: {e}") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or "llama_proj.weight" not in state or "llama_proj.bias" not in state:
+        found = sorted(state)[:8] if isinstance(state, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{pth} has no llama_proj.weight / llama_proj.bias (found: {found})")
+    proj = getattr(model.connector, "proj", None)
+    if proj is None:
+        raise CheckpointError(f"the model's connector is {model.config.connector!r}; the projection needs 'linear'")
+    for name, target in (("weight", proj.weight), ("bias", proj.bias)):
+        source = state[f"llama_proj.{name}"]
+        if tuple(source.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"llama_proj.{name} in {pth} has shape {list(source.shape)}, the model expects {list(target.shape)} "
+                "(a projection for another LLM size, e.g. 13B's 5120 on a 7B's 4096?)")
+        with torch.no_grad():
+            target.copy_(source.to(target.dtype))
+
+
+def compose_sparkleschat(pth: str, blip2: str, vicuna: str, out: str | os.PathLike) -> Path:
+    """Build SparklesChat-7B from its parts and save it as a trainable-only checkpoint that names the base folders."""
+    config = sparkleschat_config(str(Path(blip2).resolve()), str(Path(vicuna).resolve()))
+    model, processor = build_model(config)
+    import_projection(pth, model)
+    return save_checkpoint(model, processor, out, trainable_only=True)
+
+
+def with_paths(config: ModelConfig, *, vision: str | None = None, language: str | None = None) -> ModelConfig:
+    """Point a config's pretrained parts at other folders (a checkpoint moved to another machine)."""
+    if vision:
+        config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, path=vision))
+    if language:
+        config = dataclasses.replace(config, language=dataclasses.replace(config.language, path=language))
+    return config
+
+
+def load(name: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,
+         device: str | torch.device = "cpu") -> tuple[VisionLanguageModel, Processor]:
+    """A model by name: None or "default" (the embedded default), "tiny" (untrained, built on the spot), or a folder.
+
+    Until a trained default is shipped in `sparkles/assets/default`, "default" is the tiny untrained model, built
+    with a fixed seed so that its (meaningless) answers are at least reproducible.
+    """
+    if name in (None, "default") and (DEFAULT_CHECKPOINT / "config.json").is_file():
+        return load_checkpoint(DEFAULT_CHECKPOINT, dtype=dtype, device=device)
+    if name in (None, "default", "tiny"):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model, processor = build_model(TINY)
+        return model.to(device=device, dtype=dtype).eval(), processor
+    if not Path(name).is_dir():
+        raise CheckpointError(f"no checkpoint folder at {name} (expected a folder with config.json and "
+                              "model.safetensors, or 'default')")
+    return load_checkpoint(name, dtype=dtype, device=device)
+
+
+def is_untrained_default(name: str | os.PathLike | None) -> bool:
+    return name == "tiny" or (name in (None, "default") and not (DEFAULT_CHECKPOINT / "config.json").is_file())

@@ -1,0 +1,185 @@
+"""The `sparkles` command: parse arguments, call one function, print. The chat REPL lives here.
+
+This is the I/O edge: environment, devices and printing are handled here and nowhere else. A `SparklesError`
+becomes one line, ``error: …``, on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import SparklesError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except SparklesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparkles", description="Chat with vision-language models across many "
+                                     "images and many turns, and build such models.")
+    commands = parser.add_subparsers(title="commands")
+
+    chat = commands.add_parser("chat", help="answer one prompt about images, or chat in a REPL without a prompt")
+    chat.add_argument("prompt", nargs="?", help="the question; place images with <image> or name them IMAGE#k")
+    chat.add_argument("--model", default=None, help="checkpoint folder, or 'default' (the embedded model)")
+    chat.add_argument("--image", action="append", default=[], metavar="PATH",
+                      help="an image file, data: URI or (with --allow-http) URL; repeat for IMAGE#1, IMAGE#2, …")
+    chat.add_argument("--json", action="store_true", help='print {"answer": …, "images": […]} instead of text')
+    chat.add_argument("--system", default=None, help="replace the model's system prompt")
+    chat.add_argument("--allow-http", action="store_true", help="allow http(s) image URLs")
+    chat.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    chat.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _sampling_arguments(chat)
+    chat.set_defaults(run=_run_chat)
+
+    convert = commands.add_parser("convert", help="import a released model into a Sparkles checkpoint folder")
+    convert.add_argument("kind", choices=["sparkleschat"], help="which release")
+    convert.add_argument("--pth", required=True, help="sparkleschat_7b.pth (or a MiniGPT-4 .pth)")
+    convert.add_argument("--blip2", required=True, help="a BLIP-2 checkpoint folder in HF format (ViT-g + Q-Former)")
+    convert.add_argument("--vicuna", required=True, help="a Vicuna-7B v0 folder in HF format")
+    convert.add_argument("--out", required=True, help="where to write the checkpoint folder")
+    convert.set_defaults(run=_run_convert)
+    return parser
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--stop", action="append", default=[], help="an extra stop string; repeatable")
+    group.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(args):
+    from .config import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                          seed=args.seed)
+
+
+def _load_chat(args):
+    import dataclasses
+
+    import torch
+
+    from .checkpoint import is_untrained_default, load
+    from .generate import Chat
+    from .processor import Processor
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, processor = load(args.model, dtype=dtype, device=args.device)
+    if args.system is not None:
+        processor = Processor(processor.tokenizer, dataclasses.replace(processor.config, system_prompt=args.system))
+    if is_untrained_default(args.model):
+        print("note: no trained default model is installed yet, so Sparkles built a tiny untrained one: its answers "
+              "are random text. Pass --model DIR to chat with a trained checkpoint.", file=sys.stderr)
+    return Chat(model, processor)
+
+
+def _run_chat(args) -> int:
+    from .image import image_part
+
+    sampling = _sampling(args)
+    images = [image_part(path, allow_http=args.allow_http) for path in args.image]  # fail fast, before the model
+    if args.prompt is None:
+        return _repl(_load_chat(args), images, sampling, allow_http=args.allow_http)
+    from .conversation import Conversation, user_message
+
+    message = user_message(args.prompt, images)
+    conversation = Conversation((message,))
+    chat = _load_chat(args)
+    answer = chat.answer(conversation, sampling)
+    if args.json:
+        listed = [{"name": f"IMAGE#{i.label}", "source": i.source, "sha256": i.sha256} for i in message.images]
+        print(json.dumps({"answer": answer, "images": listed}, ensure_ascii=False))
+    else:
+        print(answer)
+    return 0
+
+
+REPL_HELP = """Type a message and press Enter. Place images with <image> or name them IMAGE#k.
+  /image PATH   add an image; it becomes the next IMAGE#k
+  /reset        forget the conversation and its images
+  /quit         leave (or Ctrl-D)"""
+
+
+def _repl(chat, images, sampling, *, allow_http: bool) -> int:
+    """A multi-turn chat on stdin/stdout; a bad line prints an error and the chat goes on."""
+    from .conversation import Conversation, Message, Text, user_message
+    from .image import image_part
+
+    conversation, pending, known = Conversation(), list(images), []
+    print(REPL_HELP)
+    for i, image in enumerate(pending):
+        print(f"IMAGE#{i + 1}: {image.source}")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        try:
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/reset":
+                conversation, pending, known = Conversation(), [], []
+                print("(conversation and images cleared)")
+            elif line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                if not path:
+                    raise _usage("/image needs a path: /image photos/a.jpg")
+                pending.append(image_part(path, allow_http=allow_http))
+                print(f"IMAGE#{len(known) + len(pending)}: {path}")
+            elif line.startswith("/"):
+                raise _usage(f"unknown command {line.split()[0]}; commands: /image PATH, /reset, /quit")
+            elif line:
+                message = user_message(line, pending, known=known)
+                asked = conversation.append(message)
+                pieces = []
+                for delta in chat.stream(asked, sampling):
+                    delta = delta if pieces else delta.lstrip()
+                    pieces.append(delta)
+                    print(delta, end="", flush=True)
+                print()
+                conversation = asked.append(Message("assistant", (Text("".join(pieces).strip()),)))
+                known += [i.label for i in message.images]
+                pending = []
+        except SparklesError as e:
+            print(f"error: {e}", file=sys.stderr)
+
+
+def _usage(message: str) -> SparklesError:
+    from .errors import InputError
+
+    return InputError(message)
+
+
+def _run_convert(args) -> int:
+    from .checkpoint import compose_sparkleschat
+
+    folder = compose_sparkleschat(args.pth, args.blip2, args.vicuna, args.out)
+    print(f"wrote {folder}; chat with: sparkles chat --model {folder} --image a.jpg \"Describe IMAGE#1\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Generation: a pure sampler, a token iterator over a KV cache, and the `Chat` facade every front end consumes.
+
+`generate` knows nothing of text: embeddings in, token ids out, one step at a time. `Chat` adds the processor:
+conversation in, text deltas out, stopping on stop strings without ever showing half of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SamplingParams
+from .conversation import Conversation, Message, Text
+from .errors import ContextLengthError
+from .processor import Processor, TextStream
+
+
+@dataclass
+class KVCache:
+    """The LM's key/value cache plus how many positions it holds; a chat session can keep and extend it."""
+
+    past: object = None  # a transformers Cache, created on first use
+    length: int = 0
+    token_ids: list[int] = field(default_factory=list)  # what the cached positions hold (image tokens included)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick the next token of each row: (B, V) logits -> (B,) ids. `seen` (B, S) ids feed the repetition penalty."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+        logits = logits.scatter(1, seen, picked)
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
+        drop = (cumulative - ordered.softmax(-1)) >= params.top_p
+        logits = logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask: torch.Tensor | None = None,
+             stop_ids: tuple[int, ...] = (), suppress_ids: tuple[int, ...] = (), cache: KVCache | None = None,
+             seen: torch.Tensor | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield (B,) next-token ids until every row has hit a stop id or `max_new_tokens` are out.
+
+    `embeds` (B, T, D) are the new positions, after whatever `cache` holds; rows are left-padded with
+    `attention_mask` (B, T). Finished rows keep yielding their stop id. With `use_cache=False` every step re-runs
+    the whole sequence: slow, and kept as the reference the cached path is tested against.
+    """
+    from transformers import DynamicCache
+
+    cache = cache if cache is not None else KVCache()
+    if cache.past is None and use_cache:
+        cache.past = DynamicCache()
+    batch, new = embeds.shape[:2]
+    device = embeds.device
+    mask = torch.ones(batch, cache.length + new, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        mask[:, cache.length:] = attention_mask
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    seen = seen if seen is not None else torch.empty(batch, 0, dtype=torch.long, device=device)
+    inputs, history = embeds, embeds
+    table = lm.get_input_embeddings()
+    for _ in range(params.max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if use_cache:
+            out = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1]:],
+                     past_key_values=cache.past, use_cache=True)
+            cache.length += inputs.shape[1]
+        else:
+            out = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False)
+        logits = out.logits[:, -1]  # (B, V)
+        if suppress_ids:
+            logits[:, list(suppress_ids)] = float("-inf")
+        token = sample(logits, params, generator, seen)
+        if stop_ids:
+            token = torch.where(done, torch.tensor(stop_ids[0], device=device), token)
+            done |= torch.isin(token, torch.tensor(stop_ids, device=device))
+        yield token
+        if bool(done.all()):
+            return
+        seen = torch.cat([seen, token[:, None]], dim=1)
+        inputs = table(token[:, None])  # (B, 1, D)
+        history = torch.cat([history, inputs], dim=1)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+
+
+class Chat:
+    """Model + processor: a conversation in, the assistant's answer out, streamed as text."""
+
+    def __init__(self, model, processor: Processor):
+        self.model, self.processor = model, processor
+
+    @torch.inference_mode()
+    def stream(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Iterator[str]:
+        """Text deltas of the answer to a conversation that ends with a user message."""
+        encoded = self.processor.encode(conversation, generation=True)
+        ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
+        room = self.processor.config.max_seq_len - ids.shape[1]
+        if room < 1:
+            raise ContextLengthError(f"no room left to answer: the prompt fills all {ids.shape[1]} positions")
+        images = self._encode_images(encoded)
+        embeds = self.model.embed(ids, images)
+        text_ids = ids[ids != self.model.image_token_id][None]
+        budget = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room)})
+        stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
+        for token in generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids,
+                              suppress_ids=(self.model.image_token_id,), seen=text_ids):
+            if int(token[0]) in self.processor.stop_ids:
+                break
+            delta = stream.push(int(token[0]))
+            if delta:
+                yield delta
+            if stream.stopped:
+                return
+        tail = stream.finish()
+        if tail:
+            yield tail
+
+    def answer(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> str:
+        return "".join(self.stream(conversation, params)).strip()
+
+    def reply(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Conversation:
+        """The conversation with the model's answer appended as an assistant message."""
+        return conversation.append(Message("assistant", (Text(self.answer(conversation, params)),)))
+
+    def _encode_images(self, encoded) -> torch.Tensor | None:
+        """Encode each distinct image once, even when several slots show it."""
+        if encoded.pixel_values is None:
+            return None
+        first: dict[str, int] = {}
+        index = [first.setdefault(h, i) if h is not None else i for i, h in enumerate(encoded.image_hashes)]
+        unique = sorted(set(index))
+        features = self.model.encode_images(encoded.pixel_values[unique])  # (U, K, D)
+        where = {slot: n for n, slot in enumerate(unique)}
+        return features[[where[i] for i in index]]  # (N, K, D)

@@ -1,0 +1,196 @@
+"""The vision-language model: vision tower -> connector -> causal LM, with image features merged by one mask.
+
+Shape notation: N images, P tower tokens per image, C tower width, K image tokens per image in the LM, D LM width,
+B batch, T sequence length. Connectors are small modules in one dict. Checkpoint files live in `checkpoint.py`,
+generation in `generate.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError, InputError
+from .processor import Processor
+from .tokenizer import byte_tokenizer, load_tokenizer
+from .vision import build_vision
+
+
+class LinearConnector(nn.Module):
+    """One projection per token: SparklesChat's `llama_proj` (768 -> 4096). Keeps P tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_tokens: int, tokens_per_image: int):
+        super().__init__()
+        _check_same(num_tokens, tokens_per_image, "linear")
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class MLPConnector(nn.Module):
+    """LLaVA-1.5's two-layer GELU MLP. Keeps P tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_tokens: int, tokens_per_image: int):
+        super().__init__()
+        _check_same(num_tokens, tokens_per_image, "mlp")
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Resampler(nn.Module):
+    """K learned queries cross-attend to the P tower tokens (Flamingo/Qwen-VL style): any P becomes K tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_tokens: int, tokens_per_image: int, heads: int = 4):
+        super().__init__()
+        if out_dim % heads:
+            heads = 1
+        self.queries = nn.Parameter(torch.randn(tokens_per_image, out_dim) * 0.02)
+        self.position = nn.Parameter(torch.zeros(num_tokens, out_dim))
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.norm_q, self.norm_kv, self.norm_out = nn.LayerNorm(out_dim), nn.LayerNorm(out_dim), nn.LayerNorm(out_dim)
+        self.attn = nn.MultiheadAttention(out_dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(out_dim, 4 * out_dim), nn.GELU(), nn.Linear(4 * out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.norm_kv(self.proj(x) + self.position)  # (N, P, D)
+        q = self.norm_q(self.queries).expand(x.shape[0], -1, -1)  # (N, K, D)
+        h = q + self.attn(q, kv, kv, need_weights=False)[0]
+        return self.norm_out(h + self.mlp(h))  # (N, K, D)
+
+
+CONNECTORS = {"linear": LinearConnector, "mlp": MLPConnector, "resampler": Resampler}
+
+
+def _check_same(num_tokens: int, tokens_per_image: int, name: str) -> None:
+    if num_tokens != tokens_per_image:
+        raise ConfigError(f"the {name} connector keeps the tower's {num_tokens} tokens per image, but "
+                          f"tokens_per_image is {tokens_per_image}: set tokens_per_image={num_tokens} or use "
+                          "connector=resampler")
+
+
+class VisionLanguageModel(nn.Module):
+    """Composition of three named parts; the LM's own forward does the rest."""
+
+    PARTS = ("vision", "connector", "lm")
+
+    def __init__(self, vision: nn.Module, connector: nn.Module, lm: nn.Module, *, config: ModelConfig,
+                 image_token_id: int):
+        super().__init__()
+        self.vision, self.connector, self.lm = vision, connector, lm
+        self.config, self.image_token_id = config, image_token_id
+        self.set_trainable(config.trainable)
+
+    def set_trainable(self, parts) -> None:
+        unknown = set(parts) - set(self.PARTS)
+        if unknown:
+            raise ConfigError(f"unknown parts {sorted(unknown)} in trainable; parts: {list(self.PARTS)}")
+        for name in self.PARTS:
+            getattr(self, name).requires_grad_(name in parts)
+        self.trainable = tuple(parts)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen parts stay in eval mode, as the original keeps its ViT and Q-Former: no dropout noise in them.
+        for name in self.PARTS:
+            if name not in self.trainable:
+                getattr(self, name).eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, K, D) LM input embeddings."""
+        dtype = next(self.vision.parameters()).dtype
+        features = self.vision(pixel_values.to(self.device, dtype))  # (N, P, C)
+        return self.connector(features.to(next(self.connector.parameters()).dtype))  # (N, K, D)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Text embeddings with image features written over the image tokens, in order of appearance."""
+        is_image = input_ids == self.image_token_id  # (B, T)
+        # Image-token ids are never looked up: the tokenizer may have added them past the end of the table.
+        text = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        have = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        slots = int(is_image.sum())
+        if slots != have:
+            k = self.config.tokens_per_image
+            raise InputError(f"image tokens: {slots} ({slots / k:g} images of {k} tokens), "
+                             f"image features: {have} ({have // k} images)")
+        if image_embeds is None:
+            return text
+        return text.masked_scatter(is_image[..., None], image_embeds.to(text.dtype))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """HF causal-LM output; `loss` is the mean cross-entropy over labels != -100 (shifted inside the LM)."""
+        images = self.encode_images(pixel_values) if pixel_values is not None else None
+        embeds = self.embed(input_ids, images)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+
+def build_model(config: ModelConfig, *, load_weights: bool = True,
+                tokenizer=None) -> tuple[VisionLanguageModel, Processor]:
+    """Build model and processor from a config; `load_weights=False` builds the structure only (random weights)."""
+    if tokenizer is None:
+        tokenizer = _tokenizer(config)
+    processor = Processor(tokenizer, config)
+    vision = build_vision(config.vision, load_weights=load_weights)
+    lm = _build_lm(config, len(tokenizer), load_weights)
+    width = lm.get_input_embeddings().embedding_dim
+    connector_cls = CONNECTORS.get(config.connector)
+    if connector_cls is None:
+        raise ConfigError(f"unknown connector {config.connector!r}; expected one of {sorted(CONNECTORS)}")
+    connector = connector_cls(vision.out_dim, width, num_tokens=vision.num_tokens,
+                              tokens_per_image=config.tokens_per_image)
+    # Record the resolved HF configs so that a full checkpoint rebuilds without the original folders.
+    resolved = dataclasses.replace(
+        config,
+        vision=dataclasses.replace(config.vision, config=vision.hf_config or config.vision.config),
+        language=dataclasses.replace(config.language, config=_lm_config_dict(config, lm)))
+    model = VisionLanguageModel(vision, connector, lm, config=resolved, image_token_id=processor.image_token_id)
+    return model, processor
+
+
+def _tokenizer(config: ModelConfig):
+    path = config.language.tokenizer or config.language.path
+    if path:
+        return load_tokenizer(path)
+    if config.language.kind != "tiny":
+        raise ConfigError("an 'hf' language model needs language.path or language.tokenizer")
+    return byte_tokenizer((config.image_token,))
+
+
+def _build_lm(config: ModelConfig, vocab_size: int, load_weights: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    lang = config.language
+    if lang.kind == "tiny":
+        fields = {k: v for k, v in lang.config.items() if k != "model_type"}
+        fields.setdefault("vocab_size", vocab_size)
+        return LlamaForCausalLM(LlamaConfig(**fields))
+    if lang.kind != "hf":
+        raise ConfigError(f"unknown language kind {lang.kind!r}; expected tiny or hf")
+    if lang.path and load_weights:
+        try:
+            return AutoModelForCausalLM.from_pretrained(lang.path)
+        except OSError as e:
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"cannot load the language model from {lang.path!r}: {e}") from None
+    if not lang.config:
+        raise ConfigError("language kind 'hf' needs a path to pretrained weights or a config to build from")
+    fields = dict(lang.config)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+
+def _lm_config_dict(config: ModelConfig, lm: nn.Module) -> dict:
+    if config.language.kind == "tiny":
+        return dict(config.language.config)
+    return lm.config.to_dict()
