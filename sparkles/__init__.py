@@ -5,8 +5,7 @@ pull it in on first use.
 """
 
 from .conversation import Conversation, Image, Message, Text, user_message
-from .errors import (CheckpointError, ConfigError, ContextLengthError, ImageLoadError, InputError,
-                     SparklesError)
+from .errors import CheckpointError, ConfigError, ContextLengthError, ImageLoadError, InputError, SparklesError
 
 __version__ = "0.1.0"
 

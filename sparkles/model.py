@@ -93,6 +93,7 @@ class VisionLanguageModel(nn.Module):
         for name in self.PARTS:
             getattr(self, name).requires_grad_(name in parts)
         self.trainable = tuple(parts)
+        self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)

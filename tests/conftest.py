@@ -1,0 +1,42 @@
+"""Tiny random models and images for tests: built from config classes, nothing downloaded."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
+
+from sparkles.config import LanguageConfig, ModelConfig, VisionConfig  # noqa: E402
+from sparkles.conversation import Image  # noqa: E402
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_config(**changes) -> ModelConfig:
+    config = ModelConfig(
+        vision=VisionConfig(kind="tiny", image_size=32, config={"patch_size": 8, "width": 32, "depth": 1, "heads": 2}),
+        language=LanguageConfig(kind="tiny", config={"hidden_size": 32, "intermediate_size": 64,
+                                                     "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                     "num_key_value_heads": 2, "max_position_embeddings": 1024}),
+        connector="resampler", tokens_per_image=4, max_seq_len=1024, system_prompt="")
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture
+def tiny():
+    """(model, processor) of a tiny random model in eval mode."""
+    from sparkles.model import build_model
+
+    torch.manual_seed(0)
+    model, processor = build_model(tiny_config())
+    return model.eval(), processor
+
+
+def solid(color, size=(40, 30), sha=None) -> Image:
+    """An image part holding a solid-colour picture."""
+    return Image(pixels=PILImage.new("RGB", size, color), sha256=sha or f"{color}")
