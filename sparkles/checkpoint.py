@@ -7,7 +7,6 @@ SparklesChat-7B composes from its released projection, a BLIP-2 folder and a Vic
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ def save_checkpoint(model: VisionLanguageModel, processor: Processor, folder: st
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    if trainable_only:
+        _check_frozen_parts_have_sources(model)
     try:
         names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
         state = {k: v for k, v in model.state_dict().items() if names is None or k in names}
@@ -54,6 +55,16 @@ def save_checkpoint(model: VisionLanguageModel, processor: Processor, folder: st
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _check_frozen_parts_have_sources(model: VisionLanguageModel) -> None:
+    """A trainable-only folder rebuilds frozen parts from pretrained folders; refuse to save one that cannot."""
+    config = model.config
+    sources = {"vision": config.vision.path, "lm": config.language.path, "connector": None}
+    lost = [part for part in model.PARTS if part not in model.trainable and not sources[part]]
+    if lost:
+        raise CheckpointError(f"cannot save trainable weights only: the frozen {', '.join(lost)} would be lost, "
+                              "as no pretrained folder holds them; save everything instead")
 
 
 def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, str]:
@@ -89,11 +100,22 @@ def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
 
 
 def sparkleschat_config(blip2: str, vicuna: str) -> ModelConfig:
-    """SparklesChat-7B as the original composes it (spec §3): BLIP-2 ViT-g + Q-Former, Linear(768, 4096), Vicuna."""
+    """SparklesChat-7B as the original composes it (spec §3): BLIP-2 ViT-g + Q-Former, Linear(768, 4096), Vicuna.
+
+    Image size (224) and query count (32) are read from the BLIP-2 folder's config, so scaled-down test folders
+    compose the same way.
+    """
+    from transformers import Blip2Config
+
+    try:
+        blip2_config = Blip2Config.from_pretrained(blip2)
+    except OSError as e:
+        raise CheckpointError(f"cannot read a BLIP-2 config from {blip2!r}: {e}") from None
     return ModelConfig(
-        vision=VisionConfig(kind="blip2", path=blip2, image_size=224),
+        vision=VisionConfig(kind="blip2", path=blip2, image_size=blip2_config.vision_config.image_size),
         language=LanguageConfig(kind="hf", path=vicuna),
-        connector="linear", tokens_per_image=32, template="sparkles", system_prompt=SPARKLESCHAT_SYSTEM,
+        connector="linear", tokens_per_image=blip2_config.num_query_tokens,
+        template="sparkles", system_prompt=SPARKLESCHAT_SYSTEM,
         image_token="<ImageHere>", max_images=16, max_seq_len=2000, trainable=("connector",))
 
 
@@ -128,15 +150,6 @@ def compose_sparkleschat(pth: str, blip2: str, vicuna: str, out: str | os.PathLi
     model, processor = build_model(config)
     import_projection(pth, model)
     return save_checkpoint(model, processor, out, trainable_only=True)
-
-
-def with_paths(config: ModelConfig, *, vision: str | None = None, language: str | None = None) -> ModelConfig:
-    """Point a config's pretrained parts at other folders (a checkpoint moved to another machine)."""
-    if vision:
-        config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, path=vision))
-    if language:
-        config = dataclasses.replace(config, language=dataclasses.replace(config.language, path=language))
-    return config
 
 
 def load(name: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,

@@ -85,8 +85,8 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         else:
             out = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False)
         logits = out.logits[:, -1]  # (B, V)
-        if suppress_ids:
-            logits[:, list(suppress_ids)] = float("-inf")
+        if suppress_ids:  # ids past the LM's vocabulary (added tokens it never had) cannot come out anyway
+            logits[:, [i for i in suppress_ids if i < logits.shape[-1]]] = float("-inf")
         token = sample(logits, params, generator, seen)
         if stop_ids:
             token = torch.where(done, torch.tensor(stop_ids[0], device=device), token)

@@ -1,0 +1,103 @@
+"""`sparkles chat`: one-shot answers, JSON, the REPL, and user errors as one line with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image as PILImage
+
+from sparkles.cli import main
+
+
+@pytest.fixture
+def photos(tmp_path):
+    paths = []
+    for i, color in enumerate(["red", "blue", "green"]):
+        path = tmp_path / f"p{i}.png"
+        PILImage.new("RGB", (50 + 10 * i, 40), color).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_one_shot_answer_prints_text(photos, capsys):
+    assert main(["chat", "--image", photos[0], "--image", photos[1], "Compare IMAGE#1 with IMAGE#2.",
+                 "--max-new-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and "untrained" in err
+
+
+def test_json_output_lists_the_images_by_name(photos, capsys):
+    assert main(["chat", "--json", "--image", photos[0], "--image", photos[1], "<image> vs <image>",
+                 "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert isinstance(result["answer"], str)
+    assert [i["name"] for i in result["images"]] == ["IMAGE#1", "IMAGE#2"]
+    assert result["images"][0]["source"] == photos[0] and len(result["images"][0]["sha256"]) == 64
+
+
+def test_a_checkpoint_folder_is_a_model(tiny, photos, tmp_path, capsys):
+    from sparkles.checkpoint import save_checkpoint
+
+    save_checkpoint(*tiny, tmp_path / "ck")
+    assert main(["chat", "--model", str(tmp_path / "ck"), "--image", photos[0], "Describe IMAGE#1",
+                 "--max-new-tokens", "3"]) == 0
+    assert "untrained" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image", "missing.png", "hi"], "error: image file not found: missing.png"),
+    (["--image", "{bad}", "hi"], "error: cannot read image"),
+    (["--image", "{p0}", "--image", "{p1}", "IMAGE#5 or IMAGE#1?"],
+     "error: IMAGE#5 is not an image of this conversation (images: IMAGE#1, IMAGE#2)"),
+    (["--image", "{p0}", "<image> <image>"], "error: the prompt has 2 <image> placeholders but 1 new images"),
+    (["word " * 3000], "error: the conversation is"),
+    (["--model", "no/such/folder", "hi"], "error: no checkpoint folder at no/such/folder"),
+    (["--temperature", "-1", "hi"], "error: temperature must be >= 0"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, photos, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    args = [a.format(p0=photos[0], p1=photos[1], bad=bad) for a in args]
+    assert main(["chat", *args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(message), err
+    assert "Traceback" not in err
+
+
+def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sparkles.cli", "chat", "--image", str(tmp_path / "nope.jpg"),
+                             "hi"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: image file not found: {tmp_path / 'nope.jpg'}"
+
+
+def test_repl_adds_images_mid_dialogue_and_survives_bad_lines(photos, monkeypatch, capsys):
+    lines = iter([f"/image {photos[0]}", "What is in IMAGE#1?", f"/image {photos[1]}",
+                  "IMAGE#9 please", "Compare IMAGE#1 with IMAGE#2.", "/image", "/frobnicate", "/reset",
+                  "IMAGE#1?", f"/image {photos[2]}", "<image> now", "/quit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert f"IMAGE#1: {photos[0]}" in out and f"IMAGE#2: {photos[1]}" in out
+    assert "error: IMAGE#9 is not an image of this conversation (images: IMAGE#1, IMAGE#2)" in err
+    assert "error: /image needs a path" in err and "error: unknown command /frobnicate" in err
+    # After /reset the old images are gone, and the next image is IMAGE#1 again.
+    assert "error: IMAGE#1 is not an image of this conversation (images: none)" in err
+    assert f"IMAGE#1: {photos[2]}" in out
+    assert next(lines) == "never read"
+
+
+def test_repl_ends_on_end_of_input(monkeypatch):
+    def eof(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", eof)
+    assert main(["chat"]) == 0
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "chat" in capsys.readouterr().out
+
