@@ -172,5 +172,17 @@ def load(name: str | os.PathLike | None = None, *, dtype: torch.dtype | None = N
     return load_checkpoint(name, dtype=dtype, device=device)
 
 
+def load_processor(name: str | os.PathLike | None = None) -> Processor:
+    """Just the processor of a model named as in `load`: enough to render conversations, with no weights read."""
+    from .tokenizer import byte_tokenizer, load_tokenizer
+
+    if name in (None, "default") and (DEFAULT_CHECKPOINT / "config.json").is_file():
+        name = DEFAULT_CHECKPOINT
+    if name in (None, "default", "tiny"):
+        return Processor(byte_tokenizer((TINY.image_token,)), TINY)
+    config, _ = read_config(name)
+    return Processor(load_tokenizer(str(name)), config)
+
+
 def is_untrained_default(name: str | os.PathLike | None) -> bool:
     return name == "tiny" or (name in (None, "default") and not (DEFAULT_CHECKPOINT / "config.json").is_file())

@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_arguments(chat)
     chat.set_defaults(run=_run_chat)
 
+    render = commands.add_parser("render", help="show how a record becomes tokens: loss, images, template")
+    render.add_argument("file", help="a JSON list or JSONL file of records")
+    render.add_argument("--format", default="sparkles", choices=["sparkles", "openai", "llava"],
+                        help="SparklesDialogue/SparklesEval items, OpenAI message lists, or LLaVA records")
+    render.add_argument("--index", type=int, default=0, help="which record (0-based)")
+    render.add_argument("--model", default=None, help="whose tokenizer and template (a checkpoint folder)")
+    render.add_argument("--loss-on", default="all", choices=["all", "last", "none"])
+    render.add_argument("--color", action="store_true", help="mark supervised tokens with a green background")
+    render.set_defaults(run=_run_render)
+
     convert = commands.add_parser("convert", help="import a released model into a Sparkles checkpoint folder")
     convert.add_argument("kind", choices=["sparkleschat"], help="which release")
     convert.add_argument("--pth", required=True, help="sparkleschat_7b.pth (or a MiniGPT-4 .pth)")
@@ -170,6 +180,51 @@ def _usage(message: str) -> SparklesError:
     from .errors import InputError
 
     return InputError(message)
+
+
+def _run_render(args) -> int:
+    from . import formats
+    from .checkpoint import load_processor
+    from .errors import InputError
+
+    records = _read_records(args.file)
+    if not 0 <= args.index < len(records):
+        raise InputError(f"{args.file} has {len(records)} records; --index {args.index} is out of range")
+    reader = {"sparkles": formats.from_sparkles_dialogue, "openai": formats.from_openai,
+              "llava": formats.from_llava}[args.format]
+    conversation = reader(records[args.index])
+    processor = load_processor(args.model)
+    rendered = processor.render(conversation, loss_on=args.loss_on)
+    supervised = sum(label != -100 for label in rendered.labels)
+    print(processor.visualize(rendered, color=args.color))
+    print(f"\n{len(rendered)} tokens, {supervised} with loss, {len(rendered.image_starts)} images × "
+          f"{processor.config.tokens_per_image} tokens at {rendered.image_starts}")
+    return 0
+
+
+def _read_records(path: str) -> list:
+    """A JSON list, a single JSON object, or JSON Lines; a broken line is an error that names it."""
+    from pathlib import Path
+
+    from .errors import InputError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return records
 
 
 def _run_convert(args) -> int:

@@ -101,3 +101,28 @@ def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "chat" in capsys.readouterr().out
 
+
+
+DIALOGUE = {"dialogue": [
+    {"role": "user", "content": "Compare IMAGE#812<Img><ImageHere></Img> with IMAGE#77<Img><ImageHere></Img>.",
+     "images": [{"image_id": "812", "caption": "lanterns"}, {"image_id": "77", "caption": "a band"}]},
+    {"role": "assistant", "content": "IMAGE#812 glows."},
+    {"role": "user", "content": "And IMAGE#5120<Img><ImageHere></Img>?", "images": [{"image_id": "5120"}]},
+    {"role": "assistant", "content": "A harbour."}]}
+
+
+def test_render_shows_loss_and_image_positions(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(DIALOGUE) + "\n")
+    assert main(["render", str(path), "--loss-on", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "IMAGE#812<Img>⟨image 1 × 16 at" in out and "⟦ A harbour.###⟧" in out
+    assert "⟦ IMAGE#812 glows." not in out
+    assert "3 images × 16 tokens" in out
+
+
+def test_render_names_a_broken_line(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(DIALOGUE) + "\n{broken\n")
+    assert main(["render", str(path)]) == 2
+    assert "d.jsonl, line 2: not valid JSON" in capsys.readouterr().err
