@@ -7,10 +7,15 @@ becomes one line, ``error: …``, on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 
 from .errors import SparklesError
+
+# Modules that bring their own subcommands through `add_cli(subparsers)`: train, eval, world, synth, serve, web.
+FEATURE_MODULES = ("train", "evaluate", "shapes", "synth", "serve", "webui")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--vicuna", required=True, help="a Vicuna-7B v0 folder in HF format")
     convert.add_argument("--out", required=True, help="where to write the checkpoint folder")
     convert.set_defaults(run=_run_convert)
+    for name in FEATURE_MODULES:
+        # Each feature module declares its own subcommands; it must import nothing heavy at module level.
+        if importlib.util.find_spec(f"sparkles.{name}") is not None:
+            importlib.import_module(f"sparkles.{name}").add_cli(commands)
     return parser
 
 
