@@ -15,7 +15,7 @@ import sys
 from .errors import SparklesError
 
 # Modules that bring their own subcommands through `add_cli(subparsers)`: train, eval, world, synth, serve, web.
-FEATURE_MODULES = ("train", "evaluate", "shapes", "synth", "serve", "webui")
+FEATURE_MODULES = ("train", "evaluate", "world", "synth", "serve", "webui")
 
 
 def main(argv: list[str] | None = None) -> int:

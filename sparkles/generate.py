@@ -100,6 +100,14 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
 
 
+def nn_pad_left(x: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
+    """Left-pad dim 1 of a (1, T, …) tensor to `width`."""
+    pad = width - x.shape[1]
+    if pad <= 0:
+        return x
+    return torch.cat([torch.full((1, pad, *x.shape[2:]), value, dtype=x.dtype, device=x.device), x], dim=1)
+
+
 class Chat:
     """Model + processor: a conversation in, the assistant's answer out, streamed as text."""
 
@@ -109,14 +117,8 @@ class Chat:
     @torch.inference_mode()
     def stream(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Iterator[str]:
         """Text deltas of the answer to a conversation that ends with a user message."""
-        encoded = self.processor.encode(conversation, generation=True)
-        ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
-        room = self.processor.config.max_seq_len - ids.shape[1]
-        if room < 1:
-            raise ContextLengthError(f"no room left to answer: the prompt fills all {ids.shape[1]} positions")
-        images = self._encode_images(encoded)
-        embeds = self.model.embed(ids, images)
-        text_ids = ids[ids != self.model.image_token_id][None]
+        embeds, text_ids = self._prompt(conversation)
+        room = self.processor.config.max_seq_len - embeds.shape[1]
         budget = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room)})
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
         for token in generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids,
@@ -134,6 +136,44 @@ class Chat:
 
     def answer(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> str:
         return "".join(self.stream(conversation, params)).strip()
+
+    @torch.inference_mode()
+    def answer_batch(self, conversations: list[Conversation], params: SamplingParams = SamplingParams()) -> list[str]:
+        """Answers to several conversations at once, left-padded into one batch; each row stops on its own."""
+        rows = [self._prompt(c) for c in conversations]
+        width = max(e.shape[1] for e, _ in rows)
+        embeds = torch.cat([nn_pad_left(e, width) for e, _ in rows])  # (B, T, D)
+        mask = torch.cat([nn_pad_left(torch.ones(1, e.shape[1], dtype=torch.long), width) for e, _ in rows])
+        # Padding the penalty's history with a token the row already has leaves the penalty exactly as for one row.
+        longest = max(ids.shape[1] for _, ids in rows)
+        seen = torch.cat([nn_pad_left(ids, longest, value=int(ids[0, 0])) for _, ids in rows])
+        room = self.processor.config.max_seq_len - width
+        budget = SamplingParams(**{**params.__dict__, "max_new_tokens": max(1, min(params.max_new_tokens, room))})
+        streams = [TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop) for _ in rows]
+        done = [False] * len(rows)
+        for tokens in generate(self.model.lm, embeds, budget, attention_mask=mask.to(embeds.device),
+                               stop_ids=self.processor.stop_ids, suppress_ids=(self.model.image_token_id,),
+                               seen=seen.to(embeds.device)):
+            for i, token in enumerate(tokens.tolist()):
+                if done[i]:
+                    continue
+                if token in self.processor.stop_ids:
+                    done[i] = True
+                else:
+                    streams[i].push(token)
+                    done[i] = streams[i].stopped
+            if all(done):
+                break
+        return [s.text.strip() for s in streams]
+
+    def _prompt(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings (1, T, D) and the prompt's text ids (1, S) for the repetition penalty."""
+        encoded = self.processor.encode(conversation, generation=True)
+        ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
+        if ids.shape[1] >= self.processor.config.max_seq_len:
+            raise ContextLengthError(f"no room left to answer: the prompt fills all {ids.shape[1]} positions")
+        embeds = self.model.embed(ids, self._encode_images(encoded))
+        return embeds, ids[ids != self.model.image_token_id][None]
 
     def reply(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Conversation:
         """The conversation with the model's answer appended as an assistant message."""

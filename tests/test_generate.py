@@ -134,3 +134,15 @@ def test_chat_refuses_a_prompt_that_leaves_no_room(tiny):
     chat = Chat(model, small)
     with pytest.raises(ContextLengthError):
         chat.answer(Conversation((Message.text_only("user", "x" * 60),)))
+
+
+def test_a_batch_of_conversations_answers_like_each_alone(tiny):
+    model, processor = tiny
+    chat = Chat(model, processor)
+    conversations = [
+        Conversation((user_message("Compare IMAGE#1 with IMAGE#2.", [solid("red"), solid("blue")]),)),
+        Conversation((Message.text_only("user", "No image at all, just a longer question here."),)),
+        Conversation((user_message("<image>?", [solid("green")]),)),
+    ]
+    for params in (SamplingParams(max_new_tokens=15), SamplingParams(max_new_tokens=15, repetition_penalty=1.5)):
+        assert chat.answer_batch(conversations, params) == [chat.answer(c, params) for c in conversations]
