@@ -14,12 +14,21 @@ import sys
 
 from .errors import SparklesError
 
-# Modules that bring their own subcommands through `add_cli(subparsers)`: train, eval, world, synth, serve, web.
-FEATURE_MODULES = ("train", "evaluate", "world", "synth", "serve", "webui")
+# Commands that live in their feature's module, which declares them through `add_cli(subparsers)`. Only the module
+# of the command being run is imported, so `sparkles render` never pays for torch and `sparkles chat` for fastapi.
+FEATURE_COMMANDS = {
+    "train": ("recipes", "train or fine-tune a model (one process or torchrun)"),
+    "eval": ("evaluate", "evaluate a model on SparklesEval, BISON, NLVR2 or the shapes world"),
+    "world": ("world", "generate the synthetic shapes world's datasets"),
+    "synth": ("synth", "generate SparklesDialogue-style dialogues with a teacher LLM"),
+    "serve": ("serve", "an OpenAI-compatible HTTP server"),
+    "web": ("webui", "a web UI for multi-image chat"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -33,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparkles", description="Chat with vision-language models across many "
                                      "images and many turns, and build such models.")
     commands = parser.add_subparsers(title="commands")
@@ -68,10 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--vicuna", required=True, help="a Vicuna-7B v0 folder in HF format")
     convert.add_argument("--out", required=True, help="where to write the checkpoint folder")
     convert.set_defaults(run=_run_convert)
-    for name in FEATURE_MODULES:
-        # Each feature module declares its own subcommands; it must import nothing heavy at module level.
-        if importlib.util.find_spec(f"sparkles.{name}") is not None:
-            importlib.import_module(f"sparkles.{name}").add_cli(commands)
+    for name, (module, summary) in FEATURE_COMMANDS.items():
+        if importlib.util.find_spec(f"sparkles.{module}") is None:
+            continue  # a feature not built yet
+        if name == command:
+            importlib.import_module(f"sparkles.{module}").add_cli(commands)
+        else:
+            commands.add_parser(name, help=summary)
     return parser
 
 

@@ -47,6 +47,15 @@ class LanguageConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    r: int = 0  # rank; 0 = no LoRA
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names inside the LM (and the vision tower)
+    vision: bool = False  # also put LoRA on the vision tower (HF towers only)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vision: VisionConfig = VisionConfig()
     language: LanguageConfig = LanguageConfig()
@@ -58,6 +67,7 @@ class ModelConfig:
     max_images: int = 16  # per conversation
     max_seq_len: int = 2048  # prompt + answer, in tokens
     trainable: tuple[str, ...] = ("connector",)  # parts that learn: any of vision, connector, lm
+    lora: LoraConfig = LoraConfig()  # adapters on the frozen LM; part of the model's structure, so saved with it
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,62 @@ TINY = ModelConfig(
                                                  "num_attention_heads": 4, "num_key_value_heads": 4,
                                                  "max_position_embeddings": 2048}),
     connector="resampler", tokens_per_image=16, max_seq_len=2048)
+
+
+Kind = Literal["auto", "sparkles", "sparkles_turns", "llava", "captions", "text", "jsonl"]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str  # a JSON list or JSONL file
+    kind: Kind = "auto"  # detected from the first record when "auto"
+    ratio: float = 1.0  # relative sampling weight in a blend (the original's sample_ratio)
+    images: str | None = None  # folder that relative image paths and image ids resolve against
+    loss_on: Literal["last", "all"] = "last"  # SparklesDialogue: one sample per turn (last) or one per dialogue (all)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[DataSource, ...] = ()
+    max_len: int = 1024  # tokens per sample; longer ones are cut, never inside an image
+    group_by_length: bool = True  # batch samples of similar length together: less padding
+    pack: bool = False  # pack several samples into one row (block-diagonal attention)
+    strict: bool = False  # a bad record fails the run instead of being skipped and counted
+    num_workers: int = 0  # data-loader worker processes (image decoding)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_vision: float = 0.0  # per-part peak learning rates; 0 freezes the part
+    lr_connector: float = 1e-3
+    lr_lm: float = 0.0  # with LoRA, the rate of the LM's adapters
+    weight_decay: float = 0.05  # on matrices only, never on biases or norms
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "original", "constant"] = "cosine"  # "original": spec §6.2, cosine over all steps
+    warmup_steps: int = 0
+    warmup_start: float = 0.0  # fraction of the peak the warm-up starts from (the original: 1e-6 / 3e-5)
+    min_lr: float = 0.1  # fraction of the peak the cosine ends at (the original: 1e-5 / 3e-5)
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 8  # samples per process and micro-step
+    grad_accum: int = 1
+    clip: float = 1.0  # gradient-norm clipping; 0 = off (the original did not clip)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a gradient scaler (CUDA)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = TINY
+    init: str | None = None  # start from this checkpoint folder's weights (e.g. an imported SparklesChat)
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    out: str = "runs/train"  # checkpoints/, metrics.jsonl, train.log and the final model/ go here
+    save_every: int = 50  # steps between resumable checkpoints
+    keep_last: int = 3  # resumable checkpoints kept
+    log_every: int = 1
+    seed: int = 0
+    strategy: Literal["ddp", "fsdp2"] = "ddp"  # how several processes share the work under torchrun
+    activation_checkpointing: bool = False
+    export: Literal["all", "trainable"] = "all"  # what the final model/ folder holds
 
 
 def to_dict(config: Any) -> dict:

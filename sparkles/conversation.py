@@ -22,9 +22,9 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 # The SparklesChat markup of one image slot, and the word-level reference that names an image.
 SLOT = "<Img><ImageHere></Img>"
 PLACEHOLDER = "<image>"
-IMAGE_REF = re.compile(r"IMAGE#(\w+)")
+IMAGE_REF = re.compile(r"IMAGE#(\w+(?:-\w+)*)")  # ids like 2330601, 3 or w7-000123
 # `IMAGE#k<Img><ImageHere></Img>` names and places an image; a bare slot places one without a name.
-_MARKUP = re.compile(r"(?:IMAGE#(\w+))?" + re.escape(SLOT))
+_MARKUP = re.compile(r"(?:IMAGE#(\w+(?:-\w+)*))?" + re.escape(SLOT))
 
 
 @dataclass(frozen=True)

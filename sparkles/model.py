@@ -91,7 +91,12 @@ class VisionLanguageModel(nn.Module):
         if unknown:
             raise ConfigError(f"unknown parts {sorted(unknown)} in trainable; parts: {list(self.PARTS)}")
         for name in self.PARTS:
-            getattr(self, name).requires_grad_(name in parts)
+            part = getattr(self, name)
+            part.requires_grad_(name in parts)
+            if name in parts and _has_lora(part):
+                # With adapters, a trainable part learns through its adapters only; the base stays frozen.
+                for param_name, param in part.named_parameters():
+                    param.requires_grad_("lora_" in param_name)
         self.trainable = tuple(parts)
         self.train(self.training)
 
@@ -129,11 +134,15 @@ class VisionLanguageModel(nn.Module):
         return text.masked_scatter(is_image[..., None], image_embeds.to(text.dtype))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-        """HF causal-LM output; `loss` is the mean cross-entropy over labels != -100 (shifted inside the LM)."""
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        """HF causal-LM output; `loss` is the mean cross-entropy over labels != -100 (shifted inside the LM).
+
+        A 4-D boolean `attention_mask` (B, 1, T, T) with `position_ids` runs packed rows (`data.collate_packed`).
+        """
         images = self.encode_images(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, images)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids)
 
 
 def build_model(config: ModelConfig, *, load_weights: bool = True,
@@ -150,6 +159,10 @@ def build_model(config: ModelConfig, *, load_weights: bool = True,
         raise ConfigError(f"unknown connector {config.connector!r}; expected one of {sorted(CONNECTORS)}")
     connector = connector_cls(vision.out_dim, width, num_tokens=vision.num_tokens,
                               tokens_per_image=config.tokens_per_image)
+    if config.lora.r:
+        lm = _with_lora(lm, config.lora)
+        if config.lora.vision:
+            vision = _with_lora(vision, config.lora)
     # Record the resolved HF configs so that a full checkpoint rebuilds without the original folders.
     resolved = dataclasses.replace(
         config,
@@ -157,6 +170,25 @@ def build_model(config: ModelConfig, *, load_weights: bool = True,
         language=dataclasses.replace(config.language, config=_lm_config_dict(config, lm)))
     model = VisionLanguageModel(vision, connector, lm, config=resolved, image_token_id=processor.image_token_id)
     return model, processor
+
+
+def _with_lora(module: nn.Module, lora) -> nn.Module:
+    """Wrap a part with peft LoRA adapters (B starts at zero, so the wrapped part computes what it did before)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError("LoRA needs peft: pip install 'sparkles[lora]'") from None
+    names = {n.rsplit(".", 1)[-1] for n, _ in module.named_modules()}
+    if not set(lora.targets) & names:
+        raise ConfigError(f"no module named {list(lora.targets)} in {type(module).__name__} for LoRA "
+                          f"(it has e.g. {sorted(names - {''})[:8]})")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets))
+    return inject_adapter_in_model(config, module)
+
+
+def _has_lora(module: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in module.named_parameters())
 
 
 def _tokenizer(config: ModelConfig):

@@ -60,8 +60,12 @@ class Processor:
         ids |= {tokenizer.convert_tokens_to_ids(s) for s in self.template.stop if s in special}
         self.stop_ids = tuple(sorted(i for i in ids if i is not None))
 
-    def render(self, conversation: Conversation, *, generation: bool = False, loss_on: LossOn = "all") -> Rendered:
-        """Token ids, labels and image positions of a conversation; `generation` leaves the assistant turn open."""
+    def render(self, conversation: Conversation, *, generation: bool = False, loss_on: LossOn = "all",
+               check_length: bool = True) -> Rendered:
+        """Token ids, labels and image positions of a conversation; `generation` leaves the assistant turn open.
+
+        Training passes `check_length=False` and truncates instead (`data.truncate`).
+        """
         validate(conversation)
         if len(conversation.slots) > self.config.max_images:
             raise InputError(f"too many images: {len(conversation.slots)}, this model takes at most "
@@ -80,7 +84,7 @@ class Processor:
             elif piece.text:
                 run.append(piece)
         limit = self.config.max_seq_len - (1 if generation else 0)
-        if len(ids) > limit:
+        if check_length and len(ids) > limit:
             raise ContextLengthError(f"the conversation is {len(ids)} tokens long, more than the {limit} this model "
                                      f"takes (max_seq_len {self.config.max_seq_len}); shorten it or start anew")
         return Rendered(ids, labels, starts)

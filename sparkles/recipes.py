@@ -1,0 +1,164 @@
+"""Training recipes: named presets, YAML configs, `key=value` overrides, and the `sparkles train` command.
+
+Imports no torch: building a config, checking it and printing it are instant; `train.py` does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import (
+    SPARKLESCHAT_SYSTEM,
+    TINY,
+    DataConfig,
+    DataSource,
+    LanguageConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    VisionConfig,
+    from_dict,
+    override,
+    to_dict,
+)
+from .errors import ConfigError
+
+PRESETS: dict[str, TrainConfig] = {
+    # A tiny randomly initialised model that trains every part in seconds on a CPU: for tests and smoke runs.
+    "tiny": TrainConfig(
+        model=TINY,
+        data=DataConfig(max_len=512),
+        optim=OptimConfig(lr_vision=1e-3, lr_connector=1e-3, lr_lm=1e-3, warmup_steps=2, max_steps=20,
+                          batch_size=4),
+        out="runs/tiny", save_every=10),
+    # The paper's recipe (spec §6): frozen EVA-ViT-g + Q-Former and Vicuna-7B; only the projection learns, AdamW
+    # 3e-5 peak, warm-up 400 steps from 1e-6, cosine to 1e-5 over 2000 steps, 8 samples a step, no clipping.
+    # Point model.vision.path / model.language.path at the BLIP-2 and Vicuna folders, and init= at a folder made
+    # by `sparkles convert sparkleschat --pth minigpt4_7b_stage1.pth …` to start where the paper started.
+    "sparkleschat-7b": TrainConfig(
+        model=ModelConfig(vision=VisionConfig(kind="blip2", path="BLIP2_DIR", image_size=224),
+                          language=LanguageConfig(kind="hf", path="VICUNA_DIR"), connector="linear",
+                          tokens_per_image=32, system_prompt=SPARKLESCHAT_SYSTEM, image_token="<ImageHere>",
+                          max_seq_len=2000, trainable=("connector",)),
+        data=DataConfig(max_len=1024, num_workers=4),
+        optim=OptimConfig(lr_connector=3e-5, weight_decay=0.05, schedule="original", warmup_steps=400,
+                          warmup_start=1e-6 / 3e-5, min_lr=1e-5 / 3e-5, max_steps=2000, batch_size=1, clip=0.0,
+                          precision="bf16"),
+        out="runs/sparkleschat-7b", save_every=400, export="trainable"),
+}
+
+# Short names for the overrides people type most; anything else is a dotted path into TrainConfig.
+SHORTCUTS = {"max_steps": "optim.max_steps", "batch_size": "optim.batch_size", "lr": "optim.lr_connector",
+             "precision": "optim.precision", "max_len": "data.max_len", "workers": "data.num_workers"}
+
+
+def build_config(config_file: str | None = None, preset: str | None = None,
+                 overrides: list[str] = ()) -> TrainConfig:
+    """A preset or YAML/JSON file (which may itself name a `preset`), then `key=value` overrides in order."""
+    base = TrainConfig()
+    if preset is not None:
+        base = _preset(preset)
+    if config_file is not None:
+        data = _read_config_file(config_file)
+        if "preset" in data:
+            base = _preset(data.pop("preset"))
+        base = _merge(base, data)
+    pairs = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return _apply(base, pairs)
+
+
+def _preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _read_config_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    import yaml
+
+    try:
+        data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML/JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: TrainConfig, data: dict) -> TrainConfig:
+    """Fields of a config file replace the preset's, one level deep for the nested sections."""
+    merged = to_dict(base)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return from_dict(TrainConfig, merged)
+
+
+def _apply(config: TrainConfig, pairs: list[tuple[str, str]]) -> TrainConfig:
+    data = [v for k, v in pairs if k == "data"]
+    images = [v for k, v in pairs if k == "images"]
+    if data:
+        sources = [_source(item) for value in data for item in value.split(",") if item]
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, sources=tuple(sources)))
+    if images:
+        sources = tuple(dataclasses.replace(s, images=images[-1]) for s in config.data.sources)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, sources=sources))
+    rest = {SHORTCUTS.get(k, k): v for k, v in pairs if k not in ("data", "images")}
+    return override(config, rest)
+
+
+def _source(item: str) -> DataSource:
+    """``path`` or ``path:ratio`` (the original's sample_ratio)."""
+    path, _, ratio = item.rpartition(":") if item.rsplit(":", 1)[-1].replace(".", "", 1).isdigit() else (item, "", "")
+    try:
+        return DataSource(path=path, ratio=float(ratio) if ratio else 1.0)
+    except ValueError:
+        raise ConfigError(f"bad data source {item!r}: expected PATH or PATH:RATIO") from None
+
+
+def add_cli(commands) -> None:
+    parser = commands.add_parser("train", help="train or fine-tune a model (one process or torchrun)",
+                                 description="Train with a preset or a YAML config, plus key=value overrides. "
+                                 "Under torchrun, every process runs the same command.")
+    parser.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                        help="an optional config file, then overrides such as data=a.json:2,b.json:1 images=DIR "
+                        "out=DIR max_steps=N save_every=N seed=N optim.lr_lm=1e-4")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out")
+    parser.add_argument("--print-config", action="store_true", help="print the final config and stop")
+    parser.set_defaults(run=_run)
+
+
+def _run(args) -> int:
+    files = [i for i in args.items if "=" not in i]
+    if len(files) > 1:
+        raise ConfigError(f"one config file at most, got {files}")
+    overrides = [i for i in args.items if "=" in i]
+    config = build_config(files[0] if files else None, args.preset, overrides)
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2))
+        return 0
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from .train import train
+
+    final = train(config, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model: {final}")
+    return 0
