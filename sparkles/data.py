@@ -42,11 +42,12 @@ class Batch:
     position_ids: torch.Tensor | None = None  # (B, T) when packed: positions restart with each sample
     skipped: list[Skipped] = field(default_factory=list)
     tokens: int = 0  # real (non-padding) tokens, for throughput
+    samples: int = 0  # samples in the batch (a packed row holds several)
 
     def to(self, device) -> Batch:
         move = lambda t: t.to(device) if t is not None else None
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.pixel_values),
-                     move(self.position_ids), self.skipped, self.tokens)
+                     move(self.position_ids), self.skipped, self.tokens, self.samples)
 
 
 def truncate(rendered: Rendered, max_len: int, tokens_per_image: int) -> Rendered | None:
@@ -154,7 +155,7 @@ def collate(items: Sequence[Item | Skipped], pad_id: int) -> Batch:
         ids[row, :n] = torch.tensor(item.rendered.input_ids)
         labels[row, :n] = torch.tensor(item.rendered.labels)
         mask[row, :n] = 1
-    return Batch(ids, mask, labels, _pixels(kept), skipped=skipped, tokens=int(mask.sum()))
+    return Batch(ids, mask, labels, _pixels(kept), skipped=skipped, tokens=int(mask.sum()), samples=len(kept))
 
 
 def collate_packed(items: Sequence[Item | Skipped], pad_id: int, *, max_len: int) -> Batch:
@@ -190,7 +191,8 @@ def collate_packed(items: Sequence[Item | Skipped], pad_id: int, *, max_len: int
     allowed |= torch.eye(width, dtype=torch.bool)
     ordered = [item for row in rows for item in row]
     skipped = [i for i in items if isinstance(i, Skipped)]
-    return Batch(ids, allowed, labels, _pixels(ordered), positions, skipped, sum(len(i.rendered) for i in ordered))
+    return Batch(ids, allowed, labels, _pixels(ordered), positions, skipped, sum(len(i.rendered) for i in ordered),
+                 len(ordered))
 
 
 def _pixels(items: Sequence[Item]) -> torch.Tensor | None:

@@ -267,7 +267,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 loss = _loss(wrapped, batch, trainable) / optim.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
             total_loss += loss.item()
-            tokens, samples = tokens + batch.tokens, samples + batch.input_ids.shape[0]
+            tokens, samples = tokens + batch.tokens, samples + batch.samples
         if scaler:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(trainable, optim.clip) if optim.clip else _grad_norm(trainable)
@@ -309,7 +309,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
 
 def _loss(model, batch, trainable):
-    if batch.input_ids.shape[0] == 0:
+    if batch.samples == 0:
         # Every sample of this micro-batch was skipped: a zero loss still takes part in the gradient all-reduce,
         # so the other processes do not wait forever.
         return sum(p.sum() for p in trainable) * 0.0
