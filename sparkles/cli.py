@@ -106,7 +106,7 @@ def _sampling(args):
                           seed=args.seed)
 
 
-def _load_chat(args):
+def load_chat(args):
     import dataclasses
 
     import torch
@@ -131,12 +131,12 @@ def _run_chat(args) -> int:
     sampling = _sampling(args)
     images = [image_part(path, allow_http=args.allow_http) for path in args.image]  # fail fast, before the model
     if args.prompt is None:
-        return _repl(_load_chat(args), images, sampling, allow_http=args.allow_http)
+        return _repl(load_chat(args), images, sampling, allow_http=args.allow_http)
     from .conversation import Conversation, user_message
 
     message = user_message(args.prompt, images)
     conversation = Conversation((message,))
-    chat = _load_chat(args)
+    chat = load_chat(args)
     answer = chat.answer(conversation, sampling)
     if args.json:
         listed = [{"name": f"IMAGE#{i.label}", "source": i.source, "sha256": i.sha256} for i in message.images]

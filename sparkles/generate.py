@@ -169,9 +169,13 @@ class Chat:
     def _prompt(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings (1, T, D) and the prompt's text ids (1, S) for the repetition penalty."""
         encoded = self.processor.encode(conversation, generation=True)
+        if len(encoded.rendered) >= self.processor.config.max_seq_len:
+            raise ContextLengthError(f"no room left to answer: the prompt fills all {len(encoded.rendered)} positions")
+        return self.embed(encoded)
+
+    def embed(self, encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (1, T, D) of an encoded prompt, and its text ids (1, S): what a scheduler batches."""
         ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
-        if ids.shape[1] >= self.processor.config.max_seq_len:
-            raise ContextLengthError(f"no room left to answer: the prompt fills all {ids.shape[1]} positions")
         embeds = self.model.embed(ids, self._encode_images(encoded))
         return embeds, ids[ids != self.model.image_token_id][None]
 

@@ -80,9 +80,10 @@ def test_validate_role_order_and_image_places():
 
 
 def test_validate_refuses_a_reference_before_the_image_is_shown():
-    first = Message.text_only("user", "Look at IMAGE#1")
-    with pytest.raises(InputError, match="message 0: IMAGE#1 is not an image"):
+    first = Message("user", parse_markup("Look at IMAGE#2 and IMAGE#1<Img><ImageHere></Img>"))
+    with pytest.raises(InputError, match="message 0: IMAGE#2 is not an image"):
         validate(conversation(first))
+    validate(conversation(Message.text_only("user", "Write a dialogue about IMAGE#2043.")))  # no image: just text
     shown = Message("user", parse_markup("IMAGE#1<Img><ImageHere></Img> then IMAGE#1 again"))
     validate(conversation(shown))
 

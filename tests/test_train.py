@@ -35,7 +35,8 @@ def dataset(tmp_path_factory):
             PILImage.new("RGB", (24, 24), COLOURS[c]).save(root / "images" / f"{i}.png")
         records.append({"dialogue": [
             {"role": "user", "content": f"Colours of IMAGE#{ids[0]}<Img><ImageHere></Img> and IMAGE#{ids[1]}"
-                                        "<Img><ImageHere></Img>?", "images": [{"image_id": ids[0]}, {"image_id": ids[1]}]},
+                                        "<Img><ImageHere></Img>?",
+             "images": [{"image_id": ids[0]}, {"image_id": ids[1]}]},
             {"role": "assistant", "content": f"IMAGE#{ids[0]} is {names[0]}, IMAGE#{ids[1]} is {names[1]}."},
             {"role": "user", "content": f"And IMAGE#{ids[2]}<Img><ImageHere></Img>?", "images": [{"image_id": ids[2]}]},
             {"role": "assistant", "content": f"IMAGE#{ids[2]} is {names[2]}."}]})

@@ -1,0 +1,388 @@
+"""The batching scheduler: one background thread runs the generation of every request, many rows at a time.
+
+Continuous batching: waiting requests join the running batch between decode steps (their prompts are prefilled
+together, left-padded, and their KV caches padded into the batch's), and finished or cancelled rows leave it at
+once. Each request streams its own text deltas through its own queue. No HTTP here: `serve.py` is the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from .config import SamplingParams
+from .errors import ConfigError, ContextLengthError
+from .generate import Chat, sample
+from .processor import Encoded, TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # rows decoded together; 1 serves one request at a time
+    max_queue: int = 64  # requests waiting to join; past this `submit` refuses (HTTP 429)
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting: come back later."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down or has stopped."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One message from the engine to a request's reader: a text delta, or the end with its counts."""
+
+    text: str = ""
+    finish_reason: str | None = None  # stop | length | cancelled | error; None while generating
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def usage(self) -> dict:
+        """OpenAI's usage object; prompt tokens include every image's tokens."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class Request:
+    """A submitted generation: read its events (sync `for` or async `events()`), `cancel()` to stop it early."""
+
+    def __init__(self, encoded: Encoded, params: SamplingParams, *, ignore_eos: bool = False, loop=None):
+        self.encoded, self.params, self.ignore_eos = encoded, params, ignore_eos
+        self.prompt_tokens = len(encoded.rendered)
+        self._loop = loop
+        # An asyncio reader gets its events on its own loop; a thread reader blocks on a plain queue.
+        self._queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self.done = False  # set by the engine once the final event is out
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating at the next step; the reader gets a final event with finish_reason "cancelled"."""
+        self._cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        if self._loop is None:
+            self._queue.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the reader's loop is closed: nobody is listening any more
+            self.cancel()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def events(self):
+        while True:
+            event = await self._queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+@dataclass
+class _Row:
+    """A request while it is in the batch."""
+
+    request: Request
+    stream: TextStream
+    seen: torch.Tensor  # (1, S) text ids so far, for the repetition penalty
+    generator: torch.Generator | None
+    budget: int  # tokens it may still generate, all told
+    produced: int = 0
+    started: bool = False  # whether non-blank text has been sent (the answer's leading blanks are dropped)
+    finish: str | None = None
+
+    @staticmethod
+    def waiting(request: Request) -> _Row:
+        """A request that never joined the batch, so that it can be ended like the others."""
+        return _Row(request, None, None, None, 0)
+
+
+class Engine:
+    """Model + processor + a scheduler thread. Thread-safe: `encode` and `submit` from any thread."""
+
+    def __init__(self, model, processor, config: EngineConfig = EngineConfig()):
+        if config.max_batch < 1 or config.max_queue < 0:
+            raise ConfigError(f"max_batch must be >= 1 and max_queue >= 0, got {config}")
+        self.chat, self.processor, self.config = Chat(model, processor), processor, config
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._rows: list[_Row] = []
+        self._cache, self._mask, self._last = None, None, None  # the batch: KV cache, (B, L) mask, (B,) next input
+        self._joinable = True  # False once a cache turns out not to be left-paddable (sliding windows)
+        self.counts = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="sparkles-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_chat(cls, chat: Chat, config: EngineConfig = EngineConfig()) -> Engine:
+        return cls(chat.model, chat.processor, config)
+
+    def encode(self, conversation) -> Encoded:
+        """Render a conversation whose images are loaded; raises `SparklesError` for what a user must fix."""
+        return self.processor.encode(conversation, generation=True)
+
+    def room(self, encoded: Encoded) -> int:
+        """How many tokens an answer to this prompt may have before the context is full."""
+        return self.processor.config.max_seq_len - len(encoded.rendered)
+
+    def full(self) -> bool:
+        return len(self._waiting) >= self.config.max_queue
+
+    def submit(self, encoded: Encoded, params: SamplingParams, *, strict: bool = False, ignore_eos: bool = False,
+               loop=None) -> Request:
+        """Queue a prompt. A `max_new_tokens` past the room left in the context is cut to it, or with `strict`
+        refused (ContextLengthError). QueueFullError or EngineClosedError when the engine cannot take it."""
+        prompt, room = len(encoded.rendered), self.room(encoded)
+        if strict and params.max_new_tokens > room:
+            raise ContextLengthError(
+                f"this model's maximum context length is {prompt + room} tokens, but {prompt + params.max_new_tokens} "
+                f"were requested ({prompt} in the messages, images included, and {params.max_new_tokens} for the "
+                "completion); shorten the messages or lower max_tokens")
+        budget = max(1, min(params.max_new_tokens, room))
+        request = Request(encoded, replace(params, max_new_tokens=budget), ignore_eos=ignore_eos, loop=loop)
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is shutting down")
+            if len(self._waiting) >= self.config.max_queue:
+                self.counts["rejected"] += 1
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            self._waiting.append(request)
+            self.counts["submitted"] += 1
+            self._cond.notify()
+        return request
+
+    def stream(self, conversation, params: SamplingParams = SamplingParams()) -> Iterator[str]:
+        """Text deltas of the answer, for callers in a thread; stopping early cancels the request."""
+        request = self.submit(self.encode(conversation), params)
+        try:
+            for event in request:
+                if event.error:
+                    raise RuntimeError(event.error)
+                if event.text:
+                    yield event.text
+        finally:
+            request.cancel()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict:
+        return {"running": len(self._rows), "waiting": len(self._waiting), **self.counts}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after its current step; requests still in flight end with an error event."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # The scheduler thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while (joining := self._take()) is not None:
+                if joining:
+                    try:
+                        self._prefill(joining)
+                    except Exception:  # a bug or out of memory in one prefill must not stop the server
+                        log.exception("prefill failed for %d request(s)", len(joining))
+                        self._fail([_Row.waiting(r) for r in joining], "internal error in prefill")
+                if self._rows:
+                    try:
+                        self._decode()
+                    except Exception:
+                        log.exception("decode step failed; failing the %d running request(s)", len(self._rows))
+                        self._fail(self._rows, "internal error during generation")
+                        self._reset()
+        with self._cond:
+            left = [_Row.waiting(r) for r in self._waiting] + self._rows
+            self._waiting.clear()
+        self._fail(left, "the server is shutting down")
+        self._reset()
+
+    def _take(self) -> list[Request] | None:
+        """Requests to join now ([] = just keep decoding); blocks while idle; None once closed."""
+        with self._cond:
+            while not self._closed and not self._waiting and not self._rows:
+                self._cond.wait()
+            if self._closed:
+                return None
+            room = self.config.max_batch - len(self._rows)
+            if self._rows and not self._joinable:
+                room = 0  # a cache that cannot be padded: wait for the batch to drain (dynamic batching)
+            joining = []
+            while self._waiting and len(joining) < room:
+                request = self._waiting.popleft()
+                if request.cancelled:
+                    self._end(_Row.waiting(request), "cancelled")
+                else:
+                    joining.append(request)
+            return joining
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill new prompts as one left-padded batch, sample their first tokens, then merge them in."""
+        from transformers import DynamicCache
+
+        prompts = [self.chat.embed(r.encoded) for r in requests]  # [(1, T, D), (1, S)]
+        width = max(e.shape[1] for e, _ in prompts)
+        embeds = torch.cat([_pad(e, width, dim=1) for e, _ in prompts])  # (B, T, D)
+        mask = torch.cat([_pad(torch.ones(1, e.shape[1], dtype=torch.long, device=e.device), width, dim=1)
+                          for e, _ in prompts])  # (B, T)
+        cache = DynamicCache()
+        logits = self._forward(embeds, mask, cache)
+        rows = [self._row(r, ids) for r, (_, ids) in zip(requests, prompts)]
+        tokens = self._sample(rows, logits)
+        self._merge(rows, cache, mask, tokens)
+        self._drop_finished()
+
+    def _row(self, request: Request, text_ids: torch.Tensor) -> _Row:
+        params = request.params
+        generator = None
+        if params.seed is not None:  # a per-request generator: the same seed gives the same answer in any batch
+            generator = torch.Generator(device=text_ids.device).manual_seed(params.seed)
+        stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
+        return _Row(request, stream, text_ids, generator, params.max_new_tokens)
+
+    def _decode(self) -> None:
+        """One step for every row: feed each row's last token, sample its next one."""
+        for row in self._rows:
+            if row.request.cancelled:
+                self._end(row, "cancelled")
+        self._drop_finished()
+        if not self._rows:
+            return
+        ones = torch.ones(len(self._rows), 1, dtype=self._mask.dtype, device=self._mask.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        inputs = self.chat.model.lm.get_input_embeddings()(self._last[:, None])  # (B, 1, D)
+        logits = self._forward(inputs, self._mask, self._cache)
+        self._last = self._sample(self._rows, logits)
+        self._drop_finished()
+
+    def _forward(self, inputs: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """(B, T, D) new positions on top of `cache` -> (B, V) logits of the last one."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
+        out = self.chat.model.lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token under its own sampling parameters; text goes out as it comes."""
+        banned = self.chat.model.image_token_id
+        if banned < logits.shape[-1]:  # image tokens are inputs only
+            logits[:, banned] = float("-inf")
+        tokens = []
+        for i, row in enumerate(rows):
+            token = sample(logits[i:i + 1], row.request.params, row.generator, row.seen)  # (1,)
+            row.seen = torch.cat([row.seen, token[:, None]], dim=1)
+            tokens.append(token)
+            self._advance(row, int(token))
+        return torch.cat(tokens)
+
+    def _advance(self, row: _Row, token: int) -> None:
+        row.produced += 1
+        if row.request.cancelled:
+            self._end(row, "cancelled")
+        elif token in self.processor.stop_ids and not row.request.ignore_eos:
+            self._end(row, "stop")
+        else:
+            self._send(row, row.stream.push(token))
+            if row.stream.stopped or row.produced >= row.budget:
+                self._end(row, "stop" if row.stream.stopped else "length")
+
+    def _send(self, row: _Row, text: str) -> None:
+        if not row.started:
+            text = text.lstrip()
+            row.started = bool(text)
+        if text:
+            row.request.emit(Event(text=text))
+
+    def _end(self, row: _Row, reason: str, error: str | None = None) -> None:
+        if row.request.done:  # a failure after it ended (say, in the merge that follows its last token)
+            return
+        if row.stream is not None and reason in ("stop", "length") and not row.stream.stopped:
+            self._send(row, row.stream.finish())  # text held back in case it began a stop string
+        row.finish, row.request.done = reason, True
+        self.counts[{"stop": "completed", "length": "completed"}.get(reason, reason)] += 1
+        self.counts["tokens"] += row.produced
+        row.request.emit(Event(finish_reason=reason, prompt_tokens=row.request.prompt_tokens,
+                               completion_tokens=row.produced, error=error))
+
+    def _fail(self, rows: list[_Row], message: str) -> None:
+        for row in rows:
+            self._end(row, "error", message)
+
+    # The batch's KV cache: rows join by left padding and leave by selection
+
+    def _merge(self, rows: list[_Row], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Add prefilled rows to the batch: both caches are left-padded to the longer one and stacked."""
+        self._joinable = self._joinable and all(_plain(layer) for layer in cache.layers)
+        if self._rows:
+            from transformers import DynamicCache
+
+            width = max(self._mask.shape[1], mask.shape[1])
+            cache = DynamicCache([(torch.cat([_pad(a.keys, width), _pad(b.keys, width)]),
+                                   torch.cat([_pad(a.values, width), _pad(b.values, width)]))
+                                  for a, b in zip(self._cache.layers, cache.layers)])
+            mask = torch.cat([_pad(self._mask, width, dim=1), _pad(mask, width, dim=1)])
+            rows, tokens = self._rows + rows, torch.cat([self._last, tokens])
+        self._rows, self._cache, self._mask, self._last = rows, cache, mask, tokens
+        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(rows))
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if row.finish is None]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            return self._reset()
+        index = torch.tensor(keep, device=self._mask.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask, self._last = self._mask[index], self._last[index]
+        # Columns that only the rows that left were using are dead weight in every later step: cut them off.
+        lead = int(self._mask.any(dim=0).long().argmax())
+        self._mask = self._mask[:, lead:]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._mask, self._last = [], None, None, None
+
+
+def _plain(layer) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return type(layer) is DynamicLayer
+
+
+def _pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zeros before the entries of `dim` up to `width` (left padding): (B, H, L, d) KV tensors by default."""
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

@@ -1,0 +1,399 @@
+"""The OpenAI-compatible HTTP server: GET /v1/models, POST /v1/chat/completions (JSON and SSE), GET /health.
+
+An I/O edge: it checks requests, loads images by the server's rules (data: URLs; files only in --allowed-image-dir;
+http(s) only if allowed, never from private addresses), hands conversations to the batching `Engine`, and answers
+every error with OpenAI's error body. fastapi and uvicorn are imported inside functions."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import math
+import socket
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urljoin, urlsplit
+
+from .config import SamplingParams
+from .conversation import Conversation, Image, Message
+from .engine import Engine, EngineClosedError, EngineConfig, QueueFullError
+from .errors import ConfigError, ContextLengthError, ImageLoadError, InputError, SparklesError
+
+log = logging.getLogger(__name__)
+MAX_REDIRECTS = 3
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = "sparkles"  # the id clients pass as `model`; any other id is a 404
+    allowed_image_dir: str | None = None  # local image files are readable only under this folder; None = none
+    allow_http: bool = False  # fetch http(s) image URLs (public addresses only)
+    max_images: int | None = None  # per request; None = the model's own max_images
+    max_image_bytes: int = 20 * 2**20  # per image, as sent (before decoding)
+    max_image_pixels: int = 4096 * 4096  # per image, width * height
+    max_body_bytes: int = 64 * 2**20  # the whole request body
+    http_timeout: float = 10.0  # seconds for one image download, redirects included
+    default_max_tokens: int = 512  # when a request names no max_tokens (cut to the room left in the context)
+    max_batch: int = 8  # rows the engine decodes together (when the server builds the engine)
+    max_queue: int = 64  # requests waiting to join the batch; past this the server answers 429
+
+
+class ApiError(Exception):
+    """A request the server refuses, with its HTTP status and OpenAI error fields (`kind` is the error type)."""
+
+    def __init__(self, status: int, message: str, *, param=None, code=None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list
+    params: SamplingParams  # max_new_tokens is set once the prompt's length is known
+    max_tokens: int | None
+    stream: bool = False
+    include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate to max_tokens (benchmarks)
+
+
+def parse_request(body: Any, model_name: str) -> ChatRequest:
+    """Check a decoded /v1/chat/completions body; what cannot be honoured is refused, not ignored."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    if (model := _field(body, "model", str, required=True)) != model_name:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
+                       param="model", code="model_not_found", kind="not_found_error")
+    for key, ok in (("n", _field(body, "n", int, 1) == 1), ("logprobs", not _field(body, "logprobs", bool, False)),
+                    ("tools", not body.get("tools")), ("functions", not body.get("functions")),
+                    ("response_format", (_field(body, "response_format", dict) or {}).get("type", "text") == "text")):
+        if not ok:
+            raise ApiError(400, f"{key}={json.dumps(body[key])[:60]} is not supported by this server", param=key)
+    stop = [stop] if isinstance(stop := _field(body, "stop", (str, list)) or [], str) else stop
+    if len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop must be a non-empty string or a list of at most 16 of them", param="stop")
+    params = SamplingParams(
+        temperature=_number(body, "temperature", SamplingParams.temperature, 0, 2),  # the model's default: greedy
+        top_p=_number(body, "top_p", 1.0, 0, 1, open_low=True),
+        top_k=max(0, _field(body, "top_k", int, 0)),  # vLLM's extension; -1 also means off there
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, open_low=True),
+        stop=tuple(stop), seed=_field(body, "seed", int))
+    limit = _field(body, "max_completion_tokens", int) or _field(body, "max_tokens", int)
+    if limit is not None and limit < 1:
+        raise ApiError(400, f"max_tokens must be at least 1, got {limit}", param="max_tokens")
+    return ChatRequest(_field(body, "messages", list, required=True), params, limit,
+                       stream=_field(body, "stream", bool, False), ignore_eos=_field(body, "ignore_eos", bool, False),
+                       include_usage=bool((_field(body, "stream_options", dict) or {}).get("include_usage")))
+
+
+def _field(body: dict, key: str, kind, default: Any = None, *, required: bool = False) -> Any:
+    if (value := body.get(key)) is None:  # JSON null counts as absent: clients send it for unset options
+        if required:
+            raise ApiError(400, f"missing required field {key!r}", param=key)
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
+        names = " or ".join({"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                             "list": "a list", "dict": "an object"}[k.__name__] for k in kinds)
+        raise ApiError(400, f"{key} must be {names}, got {json.dumps(value)[:60]}", param=key)
+    return value
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, *, open_low: bool = False) -> float:
+    value = _field(body, key, (int, float), default)
+    if not math.isfinite(value) or not low <= value <= high or (open_low and value == low):
+        raise ApiError(400, f"{key} must be in {'(' if open_low else '['}{low}, {high}], got {value}", param=key)
+    return float(value)
+
+
+# Images: where they may come from
+
+
+def load_request_images(conversation: Conversation, config: ServeConfig, max_images: int) -> Conversation:
+    """Load every image of a request under the server's rules, counting them before decoding any."""
+    if (count := len(conversation.slots)) > max_images:
+        raise InputError(f"too many images: {count}; this server takes at most {max_images} per request")
+
+    def load(part):
+        loaded = load_source(part.source, config) if isinstance(part, Image) and part.pixels is None else None
+        return replace(part, pixels=loaded.pixels, sha256=loaded.sha256) if loaded else part
+    messages = tuple(Message(m.role, tuple(load(p) for p in m.parts)) for m in conversation.messages)
+    return replace(conversation, messages=messages)
+
+
+def load_source(source: str, config: ServeConfig):
+    """A data: URL, a file under the allowed folder (a path or file:// URL), or a public http(s) URL."""
+    from .image import load_image
+    limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
+    scheme = urlsplit(source).scheme.lower()
+    if scheme == "data":
+        return load_image(source, **limits)
+    if scheme in ("http", "https"):
+        if not config.allow_http:
+            raise ImageLoadError(f"cannot load image {source[:80]}: http(s) image URLs are turned off on this "
+                                 "server; send the image as a data: URL (or start the server with --allow-http)")
+        return load_image(fetch_image(source, max_bytes=config.max_image_bytes, timeout=config.http_timeout),
+                          **limits)
+    if scheme not in ("", "file"):
+        raise ImageLoadError(f"cannot load image {source[:80]}: expected a data:, http(s) or file URL")
+    raw = unquote(urlsplit(source).path) if scheme == "file" else source
+    path = allowed_path(raw, config.allowed_image_dir)
+    try:
+        return load_image(str(path), **limits)
+    except ImageLoadError as e:  # its message names the real path; the client sees only the one it sent
+        raise ImageLoadError(str(e).replace(str(path), raw)) from None
+
+
+def allowed_path(raw: str, folder: str | None) -> Path:
+    """The real path of `raw` (relative to `folder`, symlinks resolved) if it lies inside `folder`."""
+    if folder is None:
+        raise ImageLoadError(f"cannot load image {raw[:80]}: local image files are turned off on this server; "
+                             "send the image as a data: URL (or start the server with --allowed-image-dir DIR)")
+    try:
+        root, path = Path(folder).resolve(), (Path(folder).resolve() / raw).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops
+        raise ImageLoadError(f"cannot load image {raw[:80]}: not a usable path ({e})") from None
+    if not path.is_relative_to(root):
+        raise ImageLoadError(f"cannot load image {raw[:80]}: the path is outside the allowed image folder")
+    return path
+
+
+def fetch_image(url: str, *, max_bytes: int, timeout: float, resolve=socket.getaddrinfo, transport=None) -> bytes:
+    """GET an image from a public address: every hop's host is resolved, checked and pinned (no DNS rebinding)."""
+    import httpx
+    deadline = time.monotonic() + timeout
+    with httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            pinned, headers, extensions = _pin(url, resolve)
+            try:
+                with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
+                    if response.is_redirect:
+                        url = urljoin(url, response.headers.get("location", ""))
+                        continue
+                    if response.status_code != 200:
+                        raise ImageLoadError(f"cannot fetch image {url[:80]}: HTTP {response.status_code}")
+                    data = bytearray()
+                    for chunk in response.iter_bytes():
+                        data += chunk
+                        if len(data) > max_bytes or time.monotonic() > deadline:  # also a server dripping bytes
+                            raise ImageLoadError(f"cannot fetch image {url[:80]}: over {max_bytes} B or {timeout} s")
+                    return bytes(data)
+            except httpx.HTTPError as e:
+                raise ImageLoadError(f"cannot fetch image {url[:80]}: {type(e).__name__}") from None
+    raise ImageLoadError(f"cannot fetch image {url[:80]}: more than {MAX_REDIRECTS} redirects")
+
+
+def _pin(url: str, resolve) -> tuple[str, dict, dict]:
+    """The URL with its host replaced by a checked public IP, plus the Host header and TLS name to keep."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise ImageLoadError(f"cannot fetch image {url[:80]}: expected an http(s) URL with a host and no user info")
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    try:
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0])
+                     for info in resolve(parts.hostname, port, type=socket.SOCK_STREAM)]
+    except (OSError, ValueError) as e:
+        raise ImageLoadError(f"cannot fetch image {url[:80]}: cannot resolve {parts.hostname} ({e})") from None
+    # ::ffff:10.0.0.1 is 10.0.0.1; multicast is "global" to the ipaddress module but never an image server.
+    if not addresses or not all((getattr(a, "ipv4_mapped", None) or a).is_global and not a.is_multicast
+                                for a in addresses):
+        raise ImageLoadError(f"cannot fetch image {url[:80]}: {parts.hostname} is a private or local address")
+    ip = str(addresses[0]) if addresses[0].version == 4 else f"[{addresses[0]}]"
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme.lower() == "https" else {}
+    return parts._replace(netloc=f"{ip}:{port}").geturl(), {"Host": parts.netloc}, extensions
+
+
+# The app
+
+
+def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
+    """The ASGI app over an `Engine` (given a `Chat`, it builds one); the engine closes when the app shuts down."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
+
+    engine = chat_or_engine if isinstance(chat_or_engine, Engine) else \
+        Engine.from_chat(chat_or_engine, EngineConfig(config.max_batch, config.max_queue))
+
+    @asynccontextmanager
+    async def lifespan(app):  # the engine stops with the app
+        yield
+        await asyncio.to_thread(engine.close)
+
+    # No /docs: its page pulls scripts from a CDN, and the server must work offline.
+    app = FastAPI(title="Sparkles", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.config, app.state.created = engine, config, int(time.time())
+    app.add_route("/health", _health, methods=["GET"])
+    app.add_route("/v1/models", _models, methods=["GET"])
+    app.add_route("/v1/chat/completions", _completions, methods=["POST"])
+    app.add_exception_handler(HTTPException, lambda http, e: _error_response(ApiError(e.status_code, e.detail)))
+    return app
+
+
+def _json(body: dict, status: int = 200, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _health(http):
+    engine = http.app.state.engine
+    return _json({"status": "ok" if engine.alive else "stopped", **engine.stats()}, 200 if engine.alive else 503)
+
+
+async def _models(http):
+    state = http.app.state
+    card = {"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "sparkles",
+            "max_model_len": state.engine.processor.config.max_seq_len}
+    return _json({"object": "list", "data": [card]})
+
+
+async def _completions(http):
+    from starlette.responses import StreamingResponse
+
+    engine, config = http.app.state.engine, http.app.state.config
+    try:
+        request = parse_request(await _read_json(http, config.max_body_bytes), config.model_name)
+        if engine.full():  # refuse before decoding any image
+            raise QueueFullError("too many requests are waiting; try again shortly")
+        handle = await asyncio.to_thread(_start, engine, request, config, asyncio.get_running_loop())
+    except Exception as e:  # every failure becomes an OpenAI error body; only ours carry their message
+        return _error_response(e)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
+    if request.stream:
+        return StreamingResponse(_sse(handle, request, meta), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _complete(handle, http, meta)
+
+
+async def _read_json(http, limit: int) -> Any:
+    body = bytearray()
+    async for chunk in http.stream():  # counted as it comes: a chunked body has no length, and a length can lie
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over this server's limit of {limit} bytes", code="too_large")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:120]}") from None
+
+
+def _start(engine: Engine, request: ChatRequest, config: ServeConfig, loop):
+    """Build, load, render and submit (in a worker thread: images decode here, not on the event loop)."""
+    from .formats import from_openai
+
+    max_images = config.max_images or engine.processor.config.max_images
+    encoded = engine.encode(load_request_images(from_openai(request.messages), config, max_images))
+    params = replace(request.params, max_new_tokens=request.max_tokens or config.default_max_tokens)
+    return engine.submit(encoded, params, strict=request.max_tokens is not None, ignore_eos=request.ignore_eos,
+                         loop=loop)
+
+
+# What each failure answers, first match wins: (class, status, OpenAI type, code, param).
+_ERRORS = ((ContextLengthError, 400, "invalid_request_error", "context_length_exceeded", "messages"),
+           (ImageLoadError, 400, "invalid_request_error", "invalid_image", "messages"),
+           (SparklesError, 400, "invalid_request_error", None, "messages"),
+           (QueueFullError, 429, "rate_limit_error", "queue_full", None),
+           (EngineClosedError, 503, "server_error", "unavailable", None),
+           (Exception, 500, "server_error", None, None))  # a bug of ours: logged, and no traceback leaves
+
+
+def _error_response(e: Exception):
+    if not isinstance(e, ApiError):
+        _, status, kind, code, param = next(row for row in _ERRORS if isinstance(e, row[0]))
+        if status == 500:
+            log.error("internal error while handling a request", exc_info=e)
+        e = ApiError(status, str(e) if status != 500 else "internal server error; see the server log", kind=kind,
+                     code=code, param=param)
+    body = {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}}
+    return _json(body, e.status, {"Retry-After": "1"} if e.status in (429, 503) else None)
+
+
+async def _complete(handle, http, meta: dict):
+    """Gather the whole answer; a client that hangs up cancels its generation."""
+
+    async def watch():
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        handle.cancel()
+
+    watcher, pieces = asyncio.create_task(watch()), []
+    try:
+        async for last in handle.events():
+            pieces.append(last.text)
+    finally:
+        watcher.cancel()
+        handle.cancel()
+    if last.finish_reason in ("error", "cancelled"):
+        return _error_response(EngineClosedError(last.error or "the request was cancelled"))
+    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+              "finish_reason": last.finish_reason, "logprobs": None}
+    return _json({**meta, "object": "chat.completion", "choices": [choice], "usage": last.usage})
+
+
+async def _sse(handle, request: ChatRequest, meta: dict):
+    """`chat.completion.chunk` events ending in ``data: [DONE]``; leaving early (a disconnect) cancels generation."""
+
+    def data(delta: dict | None, finish: str | None = None, **extra) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
+
+    try:
+        yield data({"role": "assistant", "content": ""})
+        async for event in handle.events():
+            if event.text:
+                yield data({"content": event.text})
+            if event.finish_reason in ("error", "cancelled"):  # the stream has begun: the error goes in it
+                yield "data: " + json.dumps({"error": {"message": event.error or "cancelled", "type": "server_error",
+                                                       "param": None, "code": None}}) + "\n\n"
+            elif event.finish_reason:
+                yield data({}, event.finish_reason)
+                if request.include_usage:  # OpenAI's form: one more chunk, with no choices
+                    yield data(None, usage=event.usage)
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()
+
+
+# The command
+
+
+def add_cli(commands) -> None:
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server: /v1/chat/completions, /v1/models, /health")
+    serve.add_argument("--model", default=None, help="checkpoint folder, or 'default' (the embedded model)")
+    serve.add_argument("--served-model-name", default="sparkles", help="the model id clients send")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--allowed-image-dir", metavar="DIR", help="image paths and file:// URLs: only in this folder")
+    serve.add_argument("--allow-http", action="store_true", help="fetch http(s) image URLs (public addresses only)")
+    serve.add_argument("--max-images", type=int, default=None, help="images per request (default: the model's)")
+    serve.add_argument("--max-batch", type=int, default=ServeConfig.max_batch, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=ServeConfig.max_queue, help="waiting requests before 429")
+    serve.add_argument("--max-tokens", type=int, default=ServeConfig.default_max_tokens, help="when a request has none")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    serve.set_defaults(run=_run, system=None)
+
+
+def _run(args) -> int:
+    import uvicorn
+
+    from .cli import load_chat
+
+    if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
+        raise ConfigError(f"--allowed-image-dir {args.allowed_image_dir} is not a folder")
+    config = ServeConfig(model_name=args.served_model_name, allowed_image_dir=args.allowed_image_dir,
+                         allow_http=args.allow_http, max_images=args.max_images, max_batch=args.max_batch,
+                         max_queue=args.max_queue, default_max_tokens=args.max_tokens)
+    app = create_app(load_chat(args), config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
+    # On Ctrl-C or SIGTERM the engine stops first, so that open streams end at once with an error and [DONE].
+    stop = server.handle_exit
+    server.handle_exit = lambda sig, frame: (app.state.engine.close(timeout=0), stop(sig, frame))
+    print(f"Sparkles serves {config.model_name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)")
+    server.run()
+    return 0
