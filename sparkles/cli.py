@@ -17,6 +17,7 @@ from .errors import SparklesError
 # Commands that live in their feature's module, which declares them through `add_cli(subparsers)`. Only the module
 # of the command being run is imported, so `sparkles render` never pays for torch and `sparkles chat` for fastapi.
 FEATURE_COMMANDS = {
+    "demo": ("demo", "watch the default model talk about several images over several turns"),
     "train": ("recipes", "train or fine-tune a model (one process or torchrun)"),
     "eval": ("evaluate", "evaluate a model on SparklesEval, BISON, NLVR2 or the shapes world"),
     "world": ("world", "generate the synthetic shapes world's datasets"),

@@ -204,8 +204,7 @@ def check_references(text: str, labels: Sequence[str]) -> None:
 
 
 def validate(conversation: Conversation, *, allow_open: bool = True) -> Conversation:
-    """Check role order, where images may stand, and that user text names only images already shown (in a
-    conversation that shows images at all).
+    """Check role order, where images may stand, and that user text names only images already shown.
 
     Roles: an optional system message, then user and assistant taking turns, starting with the user. With
     `allow_open` the conversation may end on a user message (a prompt awaiting its answer). Returns the
@@ -231,8 +230,6 @@ def validate(conversation: Conversation, *, allow_open: bool = True) -> Conversa
         raise InputError("the conversation has a system message but no user message")
     if not allow_open and messages[-1].role != "assistant":
         raise InputError("the conversation must end with an assistant message")
-    if not conversation.slots:
-        return conversation  # with no image at all, "IMAGE#2043" is text about images (a teacher's prompt, say)
     shown: list[str] = []
     for i, message in enumerate(messages):
         shown += [p.label for p in message.parts if isinstance(p, Image) and p.label is not None]

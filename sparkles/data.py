@@ -7,6 +7,7 @@ a resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -129,17 +130,33 @@ class BlendSampler:
                 s = rng.choices(range(len(self.sizes)), weights=self.ratios)[0]
                 epoch, pos = divmod(counters[s], self.sizes[s])
                 if perms.get(s, (None,))[0] != epoch:
-                    order = list(range(self.sizes[s]))
-                    random.Random(f"{self.seed}/{s}/{epoch}").shuffle(order)
-                    perms[s] = (epoch, order)
+                    perms[s] = (epoch, permutation(self.sizes[s], f"{self.seed}/{s}/{epoch}"))
                 counters[s] += 1
-                chunk.append((s, perms[s][1][pos]))
+                chunk.append((s, perms[s][1](pos)))
             batches = [chunk[i:i + size] for i in range(0, len(chunk), size)]
             if self.lengths:
                 chunk.sort(key=self.lengths)
                 batches = [chunk[i:i + size] for i in range(0, len(chunk), size)]
                 rng.shuffle(batches)
             yield from batches
+
+
+def permutation(size: int, seed: str, *, listed: int = 1_000_000):
+    """A seeded bijection of range(size), as a function of the position.
+
+    Up to `listed` elements it is a shuffled list; past that (endless generated sources) an affine map
+    i -> (a*i + b) mod size with a coprime to size, so that nothing of the source's size is ever materialised.
+    """
+    rng = random.Random(seed)
+    if size <= listed:
+        order = list(range(size))
+        rng.shuffle(order)
+        return order.__getitem__
+    a = rng.randrange(1, size)
+    while math.gcd(a, size) != 1:
+        a = rng.randrange(1, size)
+    b = rng.randrange(size)
+    return lambda i: (a * i + b) % size
 
 
 def collate(items: Sequence[Item | Skipped], pad_id: int) -> Batch:

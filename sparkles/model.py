@@ -192,6 +192,10 @@ def _has_lora(module: nn.Module) -> bool:
 
 
 def _tokenizer(config: ModelConfig):
+    if config.language.tokenizer == "world-bpe":  # fitted to the shapes world's words, for the default model
+        from .worlddata import world_tokenizer
+
+        return world_tokenizer(image_token=config.image_token)
     path = config.language.tokenizer or config.language.path
     if path:
         return load_tokenizer(path)

@@ -27,6 +27,15 @@ from .config import (
 )
 from .errors import ConfigError
 
+# The embedded default model: our ViT on 64-pixel images, 16 image tokens, a 4-layer LM over a BPE vocabulary
+# fitted to the shapes world, trained from scratch on items drawn on the fly.
+DEFAULT_MODEL = ModelConfig(
+    vision=VisionConfig(kind="tiny", image_size=64, config={"patch_size": 8, "width": 128, "depth": 2, "heads": 4}),
+    language=LanguageConfig(kind="tiny", tokenizer="world-bpe", config={
+        "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 8, "max_position_embeddings": 1024}),
+    connector="resampler", tokens_per_image=16, max_seq_len=1024, trainable=("vision", "connector", "lm"))
+
 PRESETS: dict[str, TrainConfig] = {
     # A tiny randomly initialised model that trains every part in seconds on a CPU: for tests and smoke runs.
     "tiny": TrainConfig(
@@ -49,6 +58,16 @@ PRESETS: dict[str, TrainConfig] = {
                           warmup_start=1e-6 / 3e-5, min_lr=1e-5 / 3e-5, max_steps=2000, batch_size=1, clip=0.0,
                           precision="bf16"),
         out="runs/sparkleschat-7b", save_every=400, export="trainable"),
+    # The recipe of the embedded default model. Captions teach the LM to read image tokens (many supervised
+    # tokens per image); the multi-image tasks follow in the same blend.
+    "default": TrainConfig(
+        model=DEFAULT_MODEL,
+        data=DataConfig(sources=(DataSource("world:caption", ratio=3), DataSource("world:dialogue", ratio=4),
+                                 DataSource("world:bison", ratio=2), DataSource("world:nlvr2", ratio=2)),
+                        max_len=512, group_by_length=True),
+        optim=OptimConfig(lr_vision=1e-3, lr_connector=1e-3, lr_lm=1e-3, warmup_steps=100, min_lr=0.05,
+                          max_steps=3000, batch_size=32, clip=1.0, precision="bf16"),
+        out="runs/default", save_every=100, keep_last=2, seed=0),
 }
 
 # Short names for the overrides people type most; anything else is a dotted path into TrainConfig.

@@ -56,8 +56,17 @@ class ReadReport:
         return text + (f"; {lost} skipped ({'; '.join(self.examples)})" if lost else "")
 
 
-def read_source(source: DataSource, *, strict: bool = False) -> tuple[list[Sample], ReadReport]:
-    """All samples of one file, the bad records skipped (or raised, with `strict`) and reported."""
+def read_source(source: DataSource, *, strict: bool = False, seed: int = 0) -> tuple[list[Sample], ReadReport]:
+    """All samples of one file, the bad records skipped (or raised, with `strict`) and reported.
+
+    A path ``world:<kind>`` (caption, dialogue, bison, nlvr2) is an endless stream of shapes-world items drawn
+    on the fly from `seed`.
+    """
+    if source.path.startswith("world:"):
+        from .worlddata import WorldSamples
+
+        samples = WorldSamples(source.path.removeprefix("world:"), seed)
+        return samples, ReadReport(source.path, records=len(samples), samples=len(samples))
     path = Path(source.path)
     records = _read_records(path)
     kind = source.kind if source.kind != "auto" else detect_kind(records, path)

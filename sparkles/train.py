@@ -158,7 +158,8 @@ def make_loader(config: TrainConfig, processor, dist: Dist, *, start: int):
 
     if not config.data.sources:
         raise ConfigError("no training data: give data=PATH (a SparklesDialogue JSON, LLaVA JSON or our JSONL)")
-    sources, reports = zip(*(read_source(s, strict=config.data.strict) for s in config.data.sources))
+    sources, reports = zip(*(read_source(s, strict=config.data.strict, seed=config.seed)
+                             for s in config.data.sources))
     if dist.main:
         for report in reports:
             (log.warning if report.skipped else log.info)(report.summary())

@@ -83,7 +83,8 @@ def test_validate_refuses_a_reference_before_the_image_is_shown():
     first = Message("user", parse_markup("Look at IMAGE#2 and IMAGE#1<Img><ImageHere></Img>"))
     with pytest.raises(InputError, match="message 0: IMAGE#2 is not an image"):
         validate(conversation(first))
-    validate(conversation(Message.text_only("user", "Write a dialogue about IMAGE#2043.")))  # no image: just text
+    with pytest.raises(InputError, match="IMAGE#2043 is not an image of this conversation"):
+        validate(conversation(Message.text_only("user", "Write a dialogue about IMAGE#2043.")))
     shown = Message("user", parse_markup("IMAGE#1<Img><ImageHere></Img> then IMAGE#1 again"))
     validate(conversation(shown))
 
