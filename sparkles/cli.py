@@ -205,13 +205,18 @@ def _usage(message: str) -> SparklesError:
 
 
 def _run_render(args) -> int:
+    from pathlib import Path
+
     from . import formats
     from .checkpoint import load_processor
     from .errors import InputError
+    from .records import read_records
 
-    records = _read_records(args.file)
+    records = read_records(Path(args.file))
     if not 0 <= args.index < len(records):
         raise InputError(f"{args.file} has {len(records)} records; --index {args.index} is out of range")
+    if isinstance(records[args.index], InputError):  # a line that is not JSON
+        raise InputError(f"{args.file}, record {args.index}: {records[args.index]}")
     reader = {"sparkles": formats.from_sparkles_dialogue, "openai": formats.from_openai,
               "llava": formats.from_llava}[args.format]
     conversation = reader(records[args.index])
@@ -222,31 +227,6 @@ def _run_render(args) -> int:
     print(f"\n{len(rendered)} tokens, {supervised} with loss, {len(rendered.image_starts)} images × "
           f"{processor.config.tokens_per_image} tokens at {rendered.image_starts}")
     return 0
-
-
-def _read_records(path: str) -> list:
-    """A JSON list, a single JSON object, or JSON Lines; a broken line is an error that names it."""
-    from pathlib import Path
-
-    from .errors import InputError
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        data = json.loads(text)
-        return data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        pass
-    records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-    return records
 
 
 def _run_convert(args) -> int:

@@ -68,7 +68,7 @@ def read_source(source: DataSource, *, strict: bool = False, seed: int = 0) -> t
         samples = WorldSamples(source.path.removeprefix("world:"), seed)
         return samples, ReadReport(source.path, records=len(samples), samples=len(samples))
     path = Path(source.path)
-    records = _read_records(path)
+    records = read_records(path)
     kind = source.kind if source.kind != "auto" else detect_kind(records, path)
     root = Path(source.images) if source.images else _default_root(path)
     report = ReadReport(str(path), records=len(records))
@@ -90,7 +90,9 @@ def read_source(source: DataSource, *, strict: bool = False, seed: int = 0) -> t
     return samples, report
 
 
-def _read_records(path: Path) -> list[Any]:
+def read_records(path: Path) -> list[Any]:
+    """A JSON list (or one object, or the original's {"annotations": [...]}) or JSON Lines; a broken line becomes
+    an `InputError` in its place, so the other records still count."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:

@@ -297,9 +297,9 @@ def test_a_new_exact_task_plugs_in(tmp_path):
 
 def test_the_commands(tmp_path, capsys):
     data = bison(tmp_path / "data", 3)
-    common = ["--data", str(data), "--max-new-tokens", "4", "--quiet"]
+    common = ["--data", str(data), "--max-new-tokens", "4", "--quiet", "--model", "tiny"]
     assert main(["eval", "bison", *common, "--out", str(tmp_path / "a")]) == 0
-    assert "| default | bison | accuracy 0.000 |" in capsys.readouterr().out
+    assert "| tiny | bison | accuracy 0.000 |" in capsys.readouterr().out
     assert main(["eval", "bison", *common, "--out", str(tmp_path / "a")]) == 2
     assert "pass --resume" in capsys.readouterr().err
     for i in (1, 2):
@@ -310,7 +310,7 @@ def test_the_commands(tmp_path, capsys):
                  "--embed-images"]) == 0
     html = page.read_text()
     assert html.count("<svg") == 2 and "data:image/jpeg;base64," in html and "Item 2" in html
-    assert "<small>default (a)</small>" in html and "<small>default (b)</small>" in html
+    assert "<small>tiny (a)</small>" in html and "<small>tiny (b)</small>" in html
     assert [r["answers"] for r in load_run(tmp_path / "b").results] == [r["answers"] for r in
                                                                          load_run(tmp_path / "a").results]
     capsys.readouterr()

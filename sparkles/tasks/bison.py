@@ -6,14 +6,12 @@ the original's, verbatim; answers are read with the original's extractor (`commo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..conversation import Image, Message, parse_markup
 from ..errors import InputError
-from .common import Example, Scored, exact_score, pair_record, read_annotations
+from .common import Example, PairTask, read_annotations
 
 ANNOTATIONS = "annotations/sparkles_evaluation_bison_annotations.json"
 OPTIONS = ("IMAGE#1", "IMAGE#2")
@@ -22,28 +20,6 @@ Given the following caption, you must select which of two images best matches th
 The caption is: '{}'.
 This task requires fine-grained visual reasoning between the caption and each image. Let's think step by step.
 Please start your response with "Let's think step by step." and end with "Therefore, the answer (IMAGE#1 or IMAGE#2) is"."""  # noqa: E501
-
-
-@dataclass(frozen=True)
-class Bison:
-    items: tuple[Example, ...]
-    extractor: str = "legacy"  # "legacy" (the original's) or "strict" (see common.extract_option)
-    name: str = "bison"
-    metric: str = "accuracy"
-    legacy_name: str = "BISON"
-
-    def examples(self) -> Sequence[Example]:
-        return self.items
-
-    def judge_prompt(self, example: Example, answers: Sequence[str]) -> None:
-        return None
-
-    def score(self, example: Example, answers: Sequence[str], judgment: Any = None) -> Scored:
-        return exact_score(example, answers[0], OPTIONS, self.extractor)
-
-    def legacy_record(self, example: Example, answers: Sequence[str], scored: Scored,
-                      judgment: Any = None) -> dict[str, Any]:
-        return pair_record(example, answers[0], scored)
 
 
 def example(item: dict[str, Any], images: Path) -> Example:
@@ -66,7 +42,7 @@ def example(item: dict[str, Any], images: Path) -> Example:
     return Example(str(item["evaluation_id"]), (Message("user", parts),), target=label.lower(), record=record)
 
 
-def load(root: str | Path, *, extractor: str = "legacy") -> Bison:
+def load(root: str | Path, *, extractor: str = "legacy") -> PairTask:
     root = Path(root)
     items = tuple(example(item, root / "images") for item in read_annotations(root / ANNOTATIONS))
-    return Bison(items, extractor)
+    return PairTask(items, OPTIONS, name="bison", legacy_name="BISON", extractor=extractor)

@@ -138,3 +138,28 @@ def pair_record(example: Example, answer: str, scored: Scored) -> dict[str, Any]
             "img_paths": [str(Path(i.source).resolve()) for i in example.images],
             "predict": scored.prediction, "response": answer, "sentence": example.record["sentence"],
             "evaluation_id": example.record["evaluation_id"]}
+
+
+@dataclass(frozen=True)
+class PairTask:
+    """BISON and NLVR2: one turn about two images, scored exactly by reading which option the answer gives."""
+
+    items: tuple[Example, ...]
+    options: tuple[str, str]  # what the extractor looks for, e.g. ("image#1", "image#2") or ("true", "false")
+    name: str  # the subcommand and file stem: "bison"
+    legacy_name: str  # the original's dataset name in result file names: "BISON"
+    extractor: str = "legacy"  # "legacy" (the original's) or "strict" (see extract_option)
+    metric: str = "accuracy"
+
+    def examples(self) -> Sequence[Example]:
+        return self.items
+
+    def judge_prompt(self, example: Example, answers: Sequence[str]) -> None:
+        return None
+
+    def score(self, example: Example, answers: Sequence[str], judgment: Any = None) -> Scored:
+        return exact_score(example, answers[0], self.options, self.extractor)
+
+    def legacy_record(self, example: Example, answers: Sequence[str], scored: Scored,
+                      judgment: Any = None) -> dict[str, Any]:
+        return pair_record(example, answers[0], scored)

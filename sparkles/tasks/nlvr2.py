@@ -7,14 +7,12 @@ with the original's extractor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..conversation import Image, Message, parse_markup
 from ..errors import InputError
-from .common import Example, Scored, exact_score, pair_record, read_annotations
+from .common import Example, PairTask, read_annotations
 
 ANNOTATIONS = "annotations/sparkles_evaluation_nlvr2_annotations.json"
 OPTIONS = ("TRUE", "FALSE")
@@ -24,28 +22,6 @@ Determine whether the following statement is true about the pair of images:
 Jointly reasoning about the statement grounded in IMAGE#1 and IMAGE#2.
 The task requires compositional joint reasoning, including about quantities, comparisons, and relations. Let's think step by step.
 Please start your response with "Let's think step by step." and end with "Therefore, the answer (TRUE or FALSE) is"."""  # noqa: E501
-
-
-@dataclass(frozen=True)
-class Nlvr2:
-    items: tuple[Example, ...]
-    extractor: str = "legacy"  # "legacy" (the original's) or "strict" (see common.extract_option)
-    name: str = "nlvr2"
-    metric: str = "accuracy"
-    legacy_name: str = "NLVR2"
-
-    def examples(self) -> Sequence[Example]:
-        return self.items
-
-    def judge_prompt(self, example: Example, answers: Sequence[str]) -> None:
-        return None
-
-    def score(self, example: Example, answers: Sequence[str], judgment: Any = None) -> Scored:
-        return exact_score(example, answers[0], OPTIONS, self.extractor)
-
-    def legacy_record(self, example: Example, answers: Sequence[str], scored: Scored,
-                      judgment: Any = None) -> dict[str, Any]:
-        return pair_record(example, answers[0], scored)
 
 
 def example(item: dict[str, Any], images: Path) -> Example:
@@ -64,7 +40,7 @@ def example(item: dict[str, Any], images: Path) -> Example:
     return Example(str(item["evaluation_id"]), (Message("user", parts),), target=str(label).lower(), record=record)
 
 
-def load(root: str | Path, *, extractor: str = "legacy") -> Nlvr2:
+def load(root: str | Path, *, extractor: str = "legacy") -> PairTask:
     root = Path(root)
     items = tuple(example(item, root / "images") for item in read_annotations(root / ANNOTATIONS))
-    return Nlvr2(items, extractor)
+    return PairTask(items, OPTIONS, name="nlvr2", legacy_name="NLVR2", extractor=extractor)
