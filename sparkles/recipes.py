@@ -66,7 +66,7 @@ PRESETS: dict[str, TrainConfig] = {
                                  DataSource("world:bison", ratio=2), DataSource("world:nlvr2", ratio=2)),
                         max_len=512, group_by_length=True),
         optim=OptimConfig(lr_vision=1e-3, lr_connector=1e-3, lr_lm=1e-3, warmup_steps=100, min_lr=0.05,
-                          max_steps=3000, batch_size=32, clip=1.0, precision="bf16"),
+                          max_steps=1700, batch_size=32, clip=1.0, precision="bf16"),
         out="runs/default", save_every=100, keep_last=2, seed=0),
 }
 
