@@ -50,7 +50,7 @@ class Processor:
         if config.template == "sparkles":
             self.template = SparklesTemplate(system=config.system_prompt)
         else:
-            self.template = ChatTemplate(tokenizer, system=config.system_prompt)
+            self.template = ChatTemplate.for_tokenizer(tokenizer, system=config.system_prompt)
         # Our template inserts BOS itself; a chat template writes whatever BOS it wants into its own text.
         bos = tokenizer.bos_token_id
         self.bos = [bos] if config.template == "sparkles" and bos is not None else []

@@ -66,11 +66,15 @@ class ChatTemplate:
     system: str = ""
     image_prefix: str = ""
     image_suffix: str = ""
+    turn_end: str = ""  # what follows an answer, e.g. <|im_end|>: found once by `for_tokenizer`, not per render
+
+    @staticmethod
+    def for_tokenizer(tokenizer, *, system: str = "") -> ChatTemplate:
+        return ChatTemplate(tokenizer, system=system, turn_end=_turn_end(tokenizer))
 
     @property
     def stop(self) -> tuple[str, ...]:
-        end = _turn_end(self.tokenizer)
-        return (end,) if end else ()
+        return (self.turn_end,) if self.turn_end else ()
 
     def render(self, conversation: Conversation, *, generation: bool, loss_on: LossOn = "all") -> list[Piece]:
         messages, system = _split_system(conversation, self.system)
@@ -86,7 +90,7 @@ class ChatTemplate:
             text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation)
         except Exception as e:  # a Jinja template raises whatever it likes; say which template failed
             raise ConfigError(f"the tokenizer's chat template failed: {e}") from None
-        return _pieces_from_marked(text, _turn_end(self.tokenizer), self.image_prefix, self.image_suffix, conversation)
+        return _pieces_from_marked(text, self.turn_end, self.image_prefix, self.image_suffix, conversation)
 
 
 def _split_system(conversation: Conversation, default: str) -> tuple[tuple[Message, ...], str]:
