@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 
 from sparkles.config import TINY, SamplingParams
-from sparkles.evaluate import RunOptions, evaluate
+from sparkles.eval.harness import RunOptions, evaluate
+from sparkles.eval.report import read_jsonl
+from sparkles.eval.responders import SparklesResponder
+from sparkles.eval.tasks import load_task
 from sparkles.generate import Chat
-from sparkles.model import build_model
-from sparkles.report import read_jsonl
-from sparkles.responders import SparklesResponder
-from sparkles.tasks import load_task
+from sparkles.model.model import build_model
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "magenta", "gray", "pink"]
 

@@ -27,8 +27,8 @@ from PIL import Image as PILImage  # noqa: E402
 from sparkles.config import LanguageConfig, ModelConfig, VisionConfig  # noqa: E402
 from sparkles.generate import Chat  # noqa: E402
 from sparkles.image import to_data_uri  # noqa: E402
-from sparkles.model import build_model  # noqa: E402
-from sparkles.serve import ServeConfig, create_app  # noqa: E402
+from sparkles.model.model import build_model  # noqa: E402
+from sparkles.serve.server import ServeConfig, create_app  # noqa: E402
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from sparkles.config import TINY, DataConfig, DataSource, LanguageConfig, OptimConfig, TrainConfig
-from sparkles.resume import Dist
-from sparkles.train import build_model_for, make_loader, param_groups
+from sparkles.train.loop import build_model_for, make_loader, param_groups
+from sparkles.train.resume import Dist
 
 WORDS = "red blue green circle square triangle big small left right above below image shows has".split()
 

@@ -15,7 +15,7 @@ __all__ = ["Chat", "CheckpointError", "ConfigError", "ContextLengthError", "Conv
 
 def load(name=None, **kwargs):
     """Model and processor by name: None/"default", "tiny", or a checkpoint folder (see `checkpoint.load`)."""
-    from .checkpoint import load as _load
+    from .model.checkpoint import load as _load
 
     return _load(name, **kwargs)
 

@@ -17,13 +17,13 @@ from .errors import SparklesError
 # Commands that live in their feature's module, which declares them through `add_cli(subparsers)`. Only the module
 # of the command being run is imported, so `sparkles render` never pays for torch and `sparkles chat` for fastapi.
 FEATURE_COMMANDS = {
-    "demo": ("demo", "watch the default model talk about several images over several turns"),
-    "train": ("recipes", "train or fine-tune a model (one process or torchrun)"),
-    "eval": ("evaluate", "evaluate a model on SparklesEval, BISON, NLVR2 or the shapes world"),
-    "world": ("world", "generate the synthetic shapes world's datasets"),
-    "synth": ("synth", "generate SparklesDialogue-style dialogues with a teacher LLM"),
-    "serve": ("serve", "an OpenAI-compatible HTTP server"),
-    "web": ("webui", "a web UI for multi-image chat"),
+    "demo": ("world.demo", "watch the default model talk about several images over several turns"),
+    "train": ("train.recipes", "train or fine-tune a model (one process or torchrun)"),
+    "eval": ("eval.harness", "evaluate a model on SparklesEval, BISON, NLVR2 or the shapes world"),
+    "world": ("world.tasks", "generate the synthetic shapes world's datasets"),
+    "synth": ("synth.cli", "generate SparklesDialogue-style dialogues with a teacher LLM"),
+    "serve": ("serve.server", "an OpenAI-compatible HTTP server"),
+    "web": ("serve.webui", "a web UI for multi-image chat"),
 }
 
 
@@ -112,8 +112,8 @@ def load_chat(args):
 
     import torch
 
-    from .checkpoint import is_untrained_default, load
     from .generate import Chat
+    from .model.checkpoint import is_untrained_default, load
     from .processor import Processor
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -208,9 +208,9 @@ def _run_render(args) -> int:
     from pathlib import Path
 
     from . import formats
-    from .checkpoint import load_processor
     from .errors import InputError
-    from .records import read_records
+    from .model.checkpoint import load_processor
+    from .train.records import read_records
 
     records = read_records(Path(args.file))
     if not 0 <= args.index < len(records):
@@ -230,7 +230,7 @@ def _run_render(args) -> int:
 
 
 def _run_convert(args) -> int:
-    from .checkpoint import compose_sparkleschat
+    from .model.checkpoint import compose_sparkleschat
 
     folder = compose_sparkleschat(args.pth, args.blip2, args.vicuna, args.out)
     print(f"wrote {folder}; chat with: sparkles chat --model {folder} --image a.jpg \"Describe IMAGE#1\"")

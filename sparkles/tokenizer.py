@@ -1,8 +1,9 @@
 """Tokenizers: load one from a folder, make a byte-level one for small models trained from scratch, add the image
 token.
 
-The byte tokenizer needs no training and no download, so tiny test models and smoke runs always have one; a
-trained BPE for the default model comes with the shapes-world issue.
+The byte tokenizer needs no training and no download, so tiny test models and smoke runs always have one. Named
+tokenizers that are built rather than loaded (the default model's `world-bpe`, fitted to the shapes world's words)
+are found in `NAMED`, which the module that builds them fills.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import CheckpointError
+from .registry import Registry
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+# name -> builder(image_token=...) of a tokenizer made from code, not from a folder
+NAMED: Registry = Registry("named tokenizer", {"world-bpe": "sparkles.world.data"})
 
 
 def byte_tokenizer(extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:

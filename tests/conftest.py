@@ -30,7 +30,7 @@ def tiny_config(**changes) -> ModelConfig:
 @pytest.fixture
 def tiny():
     """(model, processor) of a tiny random model in eval mode."""
-    from sparkles.model import build_model
+    from sparkles.model.model import build_model
 
     torch.manual_seed(0)
     model, processor = build_model(tiny_config())

@@ -7,12 +7,12 @@ import torch
 from conftest import solid, tiny_config
 from test_model import CLIP, tiny_blip2_config
 
-from sparkles.checkpoint import compose_sparkleschat, import_projection, load_checkpoint, save_checkpoint
 from sparkles.config import SPARKLESCHAT_SYSTEM, LanguageConfig, VisionConfig
 from sparkles.conversation import Conversation, Message, parse_markup, user_message
 from sparkles.errors import CheckpointError
 from sparkles.generate import Chat
-from sparkles.model import build_model
+from sparkles.model.checkpoint import compose_sparkleschat, import_projection, load_checkpoint, save_checkpoint
+from sparkles.model.model import build_model
 from sparkles.tokenizer import byte_tokenizer
 
 LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -37,7 +37,7 @@ def test_json_output_lists_the_images_by_name(photos, capsys):
 
 
 def test_a_checkpoint_folder_is_a_model(tiny, photos, tmp_path, capsys):
-    from sparkles.checkpoint import save_checkpoint
+    from sparkles.model.checkpoint import save_checkpoint
 
     save_checkpoint(*tiny, tmp_path / "ck")
     assert main(["chat", "--model", str(tmp_path / "ck"), "--image", photos[0], "Describe IMAGE#1",

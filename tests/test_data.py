@@ -8,10 +8,10 @@ import torch
 from PIL import Image as PILImage
 
 from sparkles.config import DataSource
-from sparkles.data import BlendSampler, Item, TrainDataset, collate, collate_packed, truncate
 from sparkles.errors import InputError
 from sparkles.processor import IGNORE, Rendered
-from sparkles.records import read_source
+from sparkles.train.data import BlendSampler, Item, TrainDataset, collate, collate_packed, truncate
+from sparkles.train.records import read_source
 
 
 def dialogue(ids, answer="Fine."):

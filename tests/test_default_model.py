@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import sparkles
-from sparkles.checkpoint import DEFAULT_CHECKPOINT, is_untrained_default
 from sparkles.config import SamplingParams
 from sparkles.generate import Chat
-from sparkles.worlddata import evaluate_world
+from sparkles.model.checkpoint import DEFAULT_CHECKPOINT, is_untrained_default
+from sparkles.world.data import evaluate_world
 
 # Floors well under what the shipped model scores on these 24 items of each type (0.54, 0.63, 0.42 when it was
 # shipped) and near chance: a broken model, tokenizer or template falls far below them.
@@ -31,7 +31,7 @@ def test_the_default_model_reads_its_own_images():
     chat = Chat(*sparkles.load())
     import random
 
-    from sparkles.world import WorldConfig, make_caption
+    from sparkles.world.tasks import WorldConfig, make_caption
 
     item = make_caption(random.Random(9), WorldConfig())
     answer = chat.answer(sparkles.Conversation(item.conversation.messages[:1]))

@@ -12,10 +12,10 @@ from sparkles.client import Client, EndpointConfig
 from sparkles.config import SamplingParams
 from sparkles.conversation import user_message
 from sparkles.errors import ConfigError, ContextLengthError, InputError
-from sparkles.evaluate import RunOptions, evaluate, parse_shard, select
-from sparkles.judge import Judge, JudgmentCache
-from sparkles.report import load_run, merge_runs, summarize, write_outputs
-from sparkles.tasks import Example, Scored, load_task
+from sparkles.eval.harness import RunOptions, evaluate, parse_shard, select
+from sparkles.eval.judge import Judge, JudgmentCache
+from sparkles.eval.report import load_run, merge_runs, summarize, write_outputs
+from sparkles.eval.tasks import Example, Scored, load_task
 
 RIGHT = "Let's think step by step. Both are plain. Therefore, the answer (IMAGE#1 or IMAGE#2) is IMAGE#{}."
 
@@ -114,8 +114,8 @@ def test_a_failing_item_costs_only_itself_and_is_redone_on_resume(tmp_path):
 
 
 def test_shards_merged_equal_a_single_run(tmp_path, tiny):
+    from sparkles.eval.responders import SparklesResponder
     from sparkles.generate import Chat
-    from sparkles.responders import SparklesResponder
 
     task = load_task("bison", bison(tmp_path / "data", 5))
     responder = SparklesResponder(Chat(*tiny), "tiny")

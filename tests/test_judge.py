@@ -5,7 +5,7 @@ import pytest
 from evaldata import endpoint, judge_text
 
 from sparkles.client import Client, EndpointConfig
-from sparkles.judge import (
+from sparkles.eval.judge import (
     TEMPLATE,
     Judge,
     JudgmentCache,

@@ -8,9 +8,8 @@ from evaldata import bison, endpoint, sparkleseval
 
 from sparkles.config import SamplingParams
 from sparkles.conversation import Conversation, Message, Text, user_message
-from sparkles.evaluate import RunOptions, evaluate
-from sparkles.image import image_part
-from sparkles.responders import (
+from sparkles.eval.harness import RunOptions, evaluate
+from sparkles.eval.responders import (
     EndpointResponder,
     HFResponder,
     PartialAnswers,
@@ -18,7 +17,8 @@ from sparkles.responders import (
     hf_messages,
     request_params,
 )
-from sparkles.tasks import conversation_for, load_task
+from sparkles.eval.tasks import conversation_for, load_task
+from sparkles.image import image_part
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{% if p['type'] == 'image' %}<image>"
             "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}"
@@ -115,7 +115,7 @@ def test_an_openai_compatible_endpoint(tmp_path):
 
 
 def test_references_answer_with_the_annotation(tmp_path):
-    from sparkles.tasks.sparkleseval import references
+    from sparkles.eval.tasks.sparkleseval import references
 
     task = load_task("sparkleseval", sparkleseval(tmp_path, 2))
     responder = ReferenceResponder(task.examples(), references)

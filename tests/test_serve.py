@@ -18,7 +18,7 @@ from sparkles.errors import ImageLoadError
 from sparkles.formats import from_openai
 from sparkles.generate import Chat
 from sparkles.image import load_images, to_data_uri
-from sparkles.serve import ServeConfig, create_app, fetch_image
+from sparkles.serve.server import ServeConfig, create_app, fetch_image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -409,4 +409,4 @@ def test_the_serve_command_line():
     args = _parser("serve").parse_args(["serve", "--port", "9001", "--allow-http", "--max-batch", "2",
                                         "--max-queue", "3", "--allowed-image-dir", ".", "--max-images", "4"])
     assert (args.port, args.allow_http, args.max_batch, args.max_queue, args.max_images) == (9001, True, 2, 3, 4)
-    assert args.host == "127.0.0.1" and args.run.__module__ == "sparkles.serve"
+    assert args.host == "127.0.0.1" and args.run.__module__ == "sparkles.serve.server"

@@ -7,9 +7,20 @@ import random
 import numpy as np
 import pytest
 
-from sparkles import shapes
 from sparkles.errors import ConfigError
-from sparkles.shapes import COLORS, Background, Obj, Scene, SceneConfig, Truth, caption, render, sample_scene, score
+from sparkles.world import shapes
+from sparkles.world.shapes import (
+    COLORS,
+    Background,
+    Obj,
+    Scene,
+    SceneConfig,
+    Truth,
+    caption,
+    render,
+    sample_scene,
+    score,
+)
 
 EVERYTHING = SceneConfig(shapes=shapes.SHAPES, max_objects=5)
 

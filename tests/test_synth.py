@@ -17,9 +17,9 @@ from PIL import Image as PILImage
 
 from sparkles.cli import main
 from sparkles.client import EndpointConfig, EndpointError
-from sparkles.synth import LLMTeacher, SynthConfig, TemplateTeacher, synthesize
-from sparkles.synth_prompt import MODES, Caption
-from sparkles.synth_store import read_jsonl
+from sparkles.synth.prompts import MODES, Caption
+from sparkles.synth.run import LLMTeacher, SynthConfig, TemplateTeacher, synthesize
+from sparkles.synth.store import read_jsonl
 
 CAPTIONS = [Caption(f"img{k}", f"a photo of place number {k}, with trees and a path") for k in range(60)]
 

@@ -10,9 +10,8 @@ import pytest
 
 from sparkles.conversation import SLOT
 from sparkles.errors import ConfigError, InputError
-from sparkles.synth import RateLimiter
-from sparkles.synth_parse import REASONS, Rejected, check_dialogue, dedup_key, parse_reply
-from sparkles.synth_prompt import (
+from sparkles.synth.parse import REASONS, Rejected, check_dialogue, dedup_key, parse_reply
+from sparkles.synth.prompts import (
     MODES,
     Caption,
     DialogueSpec,
@@ -22,8 +21,9 @@ from sparkles.synth_prompt import (
     parse_captions,
     prompt_template,
 )
-from sparkles.synth_report import dataset_stats, histogram, svg_bars
-from sparkles.synth_template import check_scenes, template_reply
+from sparkles.synth.report import dataset_stats, histogram, svg_bars
+from sparkles.synth.run import RateLimiter
+from sparkles.synth.template import check_scenes, template_reply
 
 # sha256 of the spec §8.3 / §8.4 prompt texts, copied from the spec: the prompts must stay verbatim.
 CC_SHA = "7be7484019ffe2388b3237129cc6e6d8e0f478a27a53124e38cb190cadd49078"

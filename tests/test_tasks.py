@@ -8,8 +8,8 @@ from evaldata import bison, nlvr2, sparkleseval
 
 from sparkles.conversation import Image, Text
 from sparkles.errors import ConfigError, InputError
-from sparkles.tasks import conversation_for, extract_option, load_task
-from sparkles.tasks.common import Scored
+from sparkles.eval.tasks import conversation_for, extract_option, load_task
+from sparkles.eval.tasks.common import Scored
 
 TF, IMG = ("TRUE", "FALSE"), ("IMAGE#1", "IMAGE#2")
 

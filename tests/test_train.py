@@ -16,8 +16,8 @@ from PIL import Image as PILImage
 
 from sparkles.config import DataConfig, DataSource, LoraConfig, OptimConfig, TrainConfig
 from sparkles.errors import ConfigError
-from sparkles.recipes import PRESETS, build_config
-from sparkles.train import lr_factor, param_groups, train
+from sparkles.train.loop import lr_factor, param_groups, train
+from sparkles.train.recipes import PRESETS, build_config
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
 
@@ -82,7 +82,7 @@ def test_a_few_steps_overfit_one_batch_and_frozen_parts_stay_bit_identical(datas
     cfg = dataclasses.replace(cfg, save_every=100, data=dataclasses.replace(
         cfg.data, sources=(DataSource(str(one), images=str(dataset / "images")),)))
     torch.manual_seed(1)
-    from sparkles.model import build_model
+    from sparkles.model.model import build_model
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
@@ -90,7 +90,7 @@ def test_a_few_steps_overfit_one_batch_and_frozen_parts_stay_bit_identical(datas
     final = train(cfg)
     seen = losses(tmp_path / "run")
     assert seen[-1] < seen[0] / 5, seen  # memorised: the loss falls more than five-fold
-    from sparkles.checkpoint import load_checkpoint
+    from sparkles.model.checkpoint import load_checkpoint
 
     after, _ = load_checkpoint(final)
     for (name, a), b in zip(before.vision.state_dict().items(), after.vision.state_dict().values()):
@@ -101,7 +101,7 @@ def test_a_few_steps_overfit_one_batch_and_frozen_parts_stay_bit_identical(datas
 def test_resume_after_a_kill_gives_the_same_losses(dataset, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     train(config(dataset, whole))
-    import sparkles.train as module
+    import sparkles.train.loop as module
 
     real = module.save_training_state
 
@@ -125,8 +125,8 @@ def test_lora_adapters_train_alone_and_reload(dataset, tmp_path):
     final = train(cfg)
     from safetensors.torch import load_file
 
-    from sparkles.checkpoint import load_checkpoint
-    from sparkles.model import build_model
+    from sparkles.model.checkpoint import load_checkpoint
+    from sparkles.model.model import build_model
 
     weights = load_file(str(final / "model.safetensors"))
     assert any("lora_A" in k for k in weights)
@@ -159,7 +159,7 @@ def test_overrides_and_presets_build_typed_configs(tmp_path):
 def _ddp_worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    from sparkles.train import init_distributed, wrap_model
+    from sparkles.train.loop import init_distributed, wrap_model
 
     dist = init_distributed()
     model, batch = _ddp_model_and_batch(rank)
@@ -171,7 +171,7 @@ def _ddp_worker(rank, port, out):
 
 
 def _ddp_model_and_batch(rank):
-    from sparkles.model import build_model
+    from sparkles.model.model import build_model
 
     torch.manual_seed(0)
     model, _ = build_model(tiny_config(trainable=("connector", "lm")))

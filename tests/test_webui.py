@@ -14,7 +14,7 @@ from sparkles.config import SamplingParams
 from sparkles.errors import SparklesError
 from sparkles.formats import from_sparkles_dialogue
 from sparkles.generate import Chat
-from sparkles.webui import add_answer, add_user_turn, chat_messages, export_dialogue, gallery_items, undo_turn
+from sparkles.serve.webui import add_answer, add_user_turn, chat_messages, export_dialogue, gallery_items, undo_turn
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -79,7 +79,7 @@ def test_export_is_a_sparkles_dialogue_that_reads_back(pictures, tmp_path):
 def test_the_page_handler_streams_and_reports_user_errors(tiny, pictures):
     gr = pytest.importorskip("gradio")
     from sparkles.conversation import Conversation
-    from sparkles.webui import _responder
+    from sparkles.serve.webui import _responder
 
     respond = _responder(gr, Chat(*tiny), SamplingParams(max_new_tokens=8))
     updates = list(respond({"text": "What is IMAGE#1?", "files": pictures[:1]}, Conversation(), 0, 1, 8))
@@ -104,7 +104,7 @@ def test_a_browser_uploads_two_images_and_reads_the_answer(tiny, pictures, tmp_p
     pytest.importorskip("gradio")
     playwright = pytest.importorskip("playwright.sync_api")
     from sparkles.engine import Engine
-    from sparkles.webui import build_demo
+    from sparkles.serve.webui import build_demo
 
     engine = Engine.from_chat(Chat(*tiny))  # as `sparkles web` runs it: visitors' answers are batched
     demo = build_demo(engine, SamplingParams(max_new_tokens=12), concurrency=4)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from sparkles import shapes
 from sparkles.cli import main
 from sparkles.conversation import Conversation, Message, to_markup, validate
 from sparkles.errors import ConfigError
 from sparkles.formats import from_sparkles_dialogue, to_sparkles_dialogue
-from sparkles.world import (
+from sparkles.world import shapes
+from sparkles.world.tasks import (
     MAKERS,
     SETS,
     WorldConfig,
@@ -108,7 +108,7 @@ def test_bison_pairs_differ_in_one_thing_and_nlvr2_labels_are_balanced():
 
 
 def test_the_original_form_is_the_spec_prompt_with_its_slots():
-    from sparkles.tasks import bison, nlvr2
+    from sparkles.eval.tasks import bison, nlvr2
 
     config = WorldConfig(form="original")
     item = make_bison(random.Random(1), config)
@@ -119,7 +119,7 @@ def test_the_original_form_is_the_spec_prompt_with_its_slots():
 
 
 def test_turn_two_follows_the_models_own_answer_and_scores_on_its_own():
-    from sparkles.tasks import Example, conversation_for
+    from sparkles.eval.tasks import Example, conversation_for
 
     item = make_eval_set(2, seed=3)[-1]
     assert item.kind == "dialogue" and item.id == "dialogue-3-1"

@@ -5,8 +5,8 @@ import pytest
 from sparkles.config import DataSource, SamplingParams
 from sparkles.errors import ConfigError
 from sparkles.generate import Chat
-from sparkles.records import read_source
-from sparkles.worlddata import WorldSamples, evaluate_world, world_tokenizer
+from sparkles.train.records import read_source
+from sparkles.world.data import WorldSamples, evaluate_world, world_tokenizer
 
 
 def test_world_sources_are_endless_deterministic_and_loaded():

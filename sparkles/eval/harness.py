@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import SamplingParams
-from .errors import ConfigError, InputError, SparklesError
+from ..config import SamplingParams
+from ..errors import ConfigError, InputError, SparklesError
 from .report import latest, read_jsonl, write_atomic
 from .tasks.common import Example, Task, conversation_for
 
@@ -243,7 +243,7 @@ def add_cli(commands) -> None:
     parser = commands.add_parser("eval", help="evaluate a model on SparklesEval, BISON or NLVR2; report, merge")
     sub = parser.add_subparsers(title="eval commands")
     parser.set_defaults(run=lambda args: parser.print_help() or 2)
-    for name in LOADERS:
+    for name in LOADERS.names():
         _task_arguments(sub.add_parser(name, help=f"run {name} on a data folder (annotations/*.json, images/)"))
         sub.choices[name].set_defaults(run=_run_task, task=name)
     report = sub.add_parser("report", help="summaries and one HTML page for one or more runs, side by side")
@@ -314,7 +314,7 @@ def _judge(args):
 def _responder(args, task):
     import sys
 
-    from .checkpoint import is_untrained_default
+    from ..model.checkpoint import is_untrained_default
     from .responders import ReferenceResponder, make_responder
 
     if args.references:

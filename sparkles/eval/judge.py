@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from .errors import ConfigError, SparklesError
+from ..errors import ConfigError, SparklesError
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class Judge:
         return judgment
 
     def _ask(self, prompt: str, parse: Callable[[str], dict]) -> Judgment:
-        from .client import EndpointError
+        from ..client import EndpointError
 
         messages = [{"role": "system", "content": self.settings["system"]}, {"role": "user", "content": prompt}]
         replies: list[str] = []
@@ -275,7 +275,7 @@ class Judge:
 def make_judge(base_url: str, model: str | None, *, key_env: str = "OPENAI_API_KEY", attempts: int = 3,
                temperature: float = 0.0, cache: str | Path | None = None) -> Judge:
     """A judge at an OpenAI-compatible endpoint, with its judgments cached in the JSONL file `cache`."""
-    from .client import Client, EndpointConfig
+    from ..client import Client, EndpointConfig
 
     if not model:
         raise ConfigError("a judge endpoint needs the judge model's name (--judge-model; pin a version)")
@@ -303,7 +303,7 @@ def compare_runs(judge: Judge, first: list[dict], second: list[dict], *, workers
     from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
 
-    from .conversation import SLOT
+    from ..conversation import SLOT
 
     others = {r["id"]: r for r in second if r.get("legacy")}
     pairs = [(r, others[r["id"]]) for r in first if r.get("legacy") and r["id"] in others]

@@ -16,8 +16,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from .conversation import SLOT
-from .errors import InputError
+from ..conversation import SLOT
+from ..errors import InputError
 from .tasks.common import sort_key
 
 CRITERIA = ("C1", "C2", "C3")
@@ -266,7 +266,7 @@ def image_src_for(page: Path, *, embed: bool = False) -> Callable[[str], str]:
             return source  # generated images (the shapes world) travel inside the results
         if not embed:
             return Path(os.path.relpath(Path(source).resolve(), page.resolve().parent)).as_posix()
-        from .image import load_image, to_data_uri
+        from ..image import load_image, to_data_uri
 
         pixels = load_image(source).pixels.copy()
         pixels.thumbnail((320, 320))

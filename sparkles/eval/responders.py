@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .config import SamplingParams
-from .conversation import Conversation, Image, Message, Text
-from .errors import ConfigError, ImageLoadError, SparklesError
+from ..config import SamplingParams
+from ..conversation import Conversation, Image, Message, Text
+from ..errors import ConfigError, ImageLoadError, SparklesError
 
 
 @runtime_checkable
@@ -43,7 +43,7 @@ class PartialAnswers(SparklesError):
 
 
 def with_pixels(conversation: Conversation) -> Conversation:
-    from .image import load_images
+    from ..image import load_images
 
     return load_images(conversation)
 
@@ -56,8 +56,8 @@ class SparklesResponder:
 
     @classmethod
     def load(cls, model: str | None, *, device: str = "cpu", dtype=None) -> SparklesResponder:
-        from .checkpoint import load
-        from .generate import Chat
+        from ..generate import Chat
+        from ..model.checkpoint import load
 
         loaded, processor = load(model, device=device, dtype=dtype)
         return cls(Chat(loaded, processor), safe_name(Path(model).name if model else "default"))
@@ -167,7 +167,7 @@ def file_data_uri(image: Image) -> str:
     """The image's own file as a data: URI: its bytes unchanged (no re-encoding), its type read from the bytes."""
     from PIL import Image as PILImage
 
-    from .image import load_image
+    from ..image import load_image
 
     if image.source is None or not Path(image.source).is_file():
         load_image(image.source)  # raises the loader's precise error for a missing or unreadable file
@@ -201,7 +201,7 @@ class EndpointResponder:
         return outcomes
 
     def _one(self, conversation: Conversation, params: SamplingParams) -> str | SparklesError:
-        from .formats import to_openai
+        from ..formats import to_openai
 
         try:
             messages = to_openai(named(conversation), image_url=file_data_uri, on_loss="ignore")
@@ -246,7 +246,7 @@ def make_responder(*, model: str | None = None, hf_model: str | None = None, end
                    device: str = "cpu", dtype: str | None = None) -> Responder:
     """The responder the options name: an endpoint, a local HF model, or a Sparkles checkpoint (the default)."""
     if endpoint:
-        from .client import Client, EndpointConfig
+        from ..client import Client, EndpointConfig
 
         if not endpoint_model:
             raise ConfigError("an endpoint needs the name of the model it serves (--endpoint-model)")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .config import SPARKLESCHAT_SYSTEM, TINY, LanguageConfig, ModelConfig, VisionConfig, from_dict, to_dict
-from .errors import CheckpointError
+from ..config import SPARKLESCHAT_SYSTEM, TINY, LanguageConfig, ModelConfig, VisionConfig, from_dict, to_dict
+from ..errors import CheckpointError
+from ..processor import Processor
 from .model import VisionLanguageModel, build_model
-from .processor import Processor
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default"
+DEFAULT_CHECKPOINT = Path(__file__).parents[1] / "assets" / "default"
 FORMAT = "sparkles-checkpoint"
 VERSION = 1
 
@@ -82,7 +82,7 @@ def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     """Model (in eval mode) and processor from a checkpoint folder."""
     from safetensors.torch import load_file
 
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
 
     folder = Path(folder)
     config, weights = read_config(folder)
@@ -174,7 +174,7 @@ def load(name: str | os.PathLike | None = None, *, dtype: torch.dtype | None = N
 
 def load_processor(name: str | os.PathLike | None = None) -> Processor:
     """Just the processor of a model named as in `load`: enough to render conversations, with no weights read."""
-    from .tokenizer import byte_tokenizer, load_tokenizer
+    from ..tokenizer import byte_tokenizer, load_tokenizer
 
     if name in (None, "default") and (DEFAULT_CHECKPOINT / "config.json").is_file():
         name = DEFAULT_CHECKPOINT

@@ -12,10 +12,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import ConfigError, InputError
-from .processor import Processor
-from .tokenizer import byte_tokenizer, load_tokenizer
+from ..config import ModelConfig
+from ..errors import ConfigError, InputError
+from ..processor import Processor
+from ..tokenizer import NAMED, byte_tokenizer, load_tokenizer
 from .vision import build_vision
 
 
@@ -192,10 +192,8 @@ def _has_lora(module: nn.Module) -> bool:
 
 
 def _tokenizer(config: ModelConfig):
-    if config.language.tokenizer == "world-bpe":  # fitted to the shapes world's words, for the default model
-        from .worlddata import world_tokenizer
-
-        return world_tokenizer(image_token=config.image_token)
+    if config.language.tokenizer in NAMED:  # e.g. world-bpe, fitted to the shapes world's words
+        return NAMED.get(config.language.tokenizer)(image_token=config.image_token)
     path = config.language.tokenizer or config.language.path
     if path:
         return load_tokenizer(path)
@@ -218,7 +216,7 @@ def _build_lm(config: ModelConfig, vocab_size: int, load_weights: bool) -> nn.Mo
         try:
             return AutoModelForCausalLM.from_pretrained(lang.path)
         except OSError as e:
-            from .errors import CheckpointError
+            from ..errors import CheckpointError
 
             raise CheckpointError(f"cannot load the language model from {lang.path!r}: {e}") from None
     if not lang.config:

@@ -14,8 +14,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .config import VisionConfig
-from .errors import CheckpointError, ConfigError
+from ..config import VisionConfig
+from ..errors import CheckpointError, ConfigError
 
 
 class VisionTower(Protocol):

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
-from .config import SamplingParams
-from .conversation import Conversation, Image, Message
-from .engine import Engine, EngineClosedError, EngineConfig, QueueFullError
-from .errors import ConfigError, ContextLengthError, ImageLoadError, InputError, SparklesError
+from ..config import SamplingParams
+from ..conversation import Conversation, Image, Message
+from ..engine import Engine, EngineClosedError, EngineConfig, QueueFullError
+from ..errors import ConfigError, ContextLengthError, ImageLoadError, InputError, SparklesError
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 3
@@ -127,7 +127,7 @@ def load_request_images(conversation: Conversation, config: ServeConfig, max_ima
 
 def load_source(source: str, config: ServeConfig):
     """A data: URL, a file under the allowed folder (a path or file:// URL), or a public http(s) URL."""
-    from .image import load_image
+    from ..image import load_image
     limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
     scheme = urlsplit(source).scheme.lower()
     if scheme == "data":
@@ -284,7 +284,7 @@ async def _read_json(http, limit: int) -> Any:
 
 def _start(engine: Engine, request: ChatRequest, config: ServeConfig, loop):
     """Build, load, render and submit (in a worker thread: images decode here, not on the event loop)."""
-    from .formats import from_openai
+    from ..formats import from_openai
 
     max_images = config.max_images or engine.processor.config.max_images
     encoded = engine.encode(load_request_images(from_openai(request.messages), config, max_images))
@@ -382,7 +382,7 @@ def add_cli(commands) -> None:
 def _run(args) -> int:
     import uvicorn
 
-    from .cli import load_chat
+    from ..cli import load_chat
 
     if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
         raise ConfigError(f"--allowed-image-dir {args.allowed_image_dir} is not a folder")

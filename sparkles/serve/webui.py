@@ -14,9 +14,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .config import SamplingParams
-from .conversation import Conversation, Image, Message, Text, user_message
-from .errors import InputError, SparklesError
+from ..config import SamplingParams
+from ..conversation import Conversation, Image, Message, Text, user_message
+from ..errors import InputError, SparklesError
 
 HELP = ("Attach images with the clip button (several at once, at any turn): they become **IMAGE#1**, **IMAGE#2**, … "
         "in order. Name them in your text, e.g. *What differs between IMAGE#1 and IMAGE#2?*")
@@ -24,7 +24,7 @@ HELP = ("Attach images with the clip button (several at once, at any turn): they
 
 def add_user_turn(conversation: Conversation, text: str, paths: list[str]) -> Conversation:
     """The conversation with a new user message: `text` plus the uploaded image files, named after earlier ones."""
-    from .image import image_part
+    from ..image import image_part
 
     if not text.strip() and not paths:
         raise InputError("type a message or attach an image first")
@@ -76,7 +76,7 @@ def gallery_items(conversation: Conversation) -> list[tuple[str, str]]:
 
 def export_dialogue(conversation: Conversation, folder: str | os.PathLike) -> Path:
     """Write the conversation as one SparklesDialogue JSON record; returns the file."""
-    from .formats import to_sparkles_dialogue
+    from ..formats import to_sparkles_dialogue
 
     record = to_sparkles_dialogue(conversation, on_loss="ignore")  # image files stay behind: ids name them
     path = Path(folder) / "sparkles_dialogue.json"
@@ -168,8 +168,8 @@ def add_cli(commands) -> None:
 
 
 def _run(args) -> int:
-    from .cli import load_chat
-    from .engine import Engine
+    from ..cli import load_chat
+    from ..engine import Engine
 
     # Visitors asking at the same time are answered in one batch.
     engine = Engine.from_chat(load_chat(args))

@@ -8,12 +8,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .client import EndpointConfig
-from .errors import ConfigError
-from .synth import LLMTeacher, SynthConfig, Teacher, TemplateTeacher, synthesize
-from .synth_prompt import MODES, DialogueSpec
-from .synth_store import DATASET, EXPORT, LOG, REJECTS, read_captions, read_demos
-from .synth_template import check_scenes
+from ..client import EndpointConfig
+from ..errors import ConfigError
+from .prompts import MODES, DialogueSpec
+from .run import LLMTeacher, SynthConfig, Teacher, TemplateTeacher, synthesize
+from .store import DATASET, EXPORT, LOG, REJECTS, read_captions, read_demos
+from .template import check_scenes
 
 
 def add_cli(commands) -> None:
@@ -127,7 +127,7 @@ def _run_synth(args) -> int:
 
 
 def _run_stats(args) -> int:
-    from .synth_report import write_report
+    from .report import write_report
 
     stats, paths = write_report(Path(args.dir))
     print(f"{stats['dialogues']} dialogues, {stats['images_unique']} unique / {stats['images_total']} total images; "
@@ -139,7 +139,7 @@ def _run_stats(args) -> int:
 
 
 def _run_view(args) -> int:
-    from .synth_report import write_viewer
+    from .report import write_viewer
 
     path, shown, total = write_viewer(Path(args.dir), limit=args.limit)
     print(f"wrote {path}: {shown} of {total} dialogues")

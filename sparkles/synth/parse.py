@@ -14,10 +14,10 @@ from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .conversation import IMAGE_REF, SLOT, validate
-from .errors import InputError
-from .formats import from_sparkles_dialogue
-from .synth_prompt import Caption, DialogueSpec
+from ..conversation import IMAGE_REF, SLOT, validate
+from ..errors import InputError
+from ..formats import from_sparkles_dialogue
+from .prompts import Caption, DialogueSpec
 
 # Why an output was rejected; the codes are stable, since rejects.jsonl and the report count them.
 REASONS = {

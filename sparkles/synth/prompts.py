@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .conversation import SLOT
-from .errors import ConfigError, InputError
+from ..conversation import SLOT
+from ..errors import ConfigError, InputError
 
 Mode = Literal["cc", "vg"]
 SYSTEM_PROMPT = "You are a helpful assistant."  # the original's system message for the teacher (spec §8.1)

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .conversation import SLOT
-from .errors import InputError
-from .synth_parse import REASONS
-from .synth_prompt import parse_captions
-from .synth_store import CALLS, DATASET, RUN, find_image, read_json_records, read_jsonl, summarize
+from ..conversation import SLOT
+from ..errors import InputError
+from .parse import REASONS
+from .prompts import parse_captions
+from .store import CALLS, DATASET, RUN, find_image, read_json_records, read_jsonl, summarize
 
 _MARKUP = re.compile(r"IMAGE#(\w+)((?:" + re.escape(SLOT) + r")?)")
 

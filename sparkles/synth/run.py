@@ -2,8 +2,8 @@
 teacher) -> parse and check -> de-duplicate -> an append-only JSONL dataset that a killed run resumes.
 
 Calls run in a thread pool under a rate limit, but results are committed in call order, so a seed gives the same
-dataset whatever the concurrency. Prompts: `synth_prompt`; parsing and checks: `synth_parse`; the template teacher:
-`synth_template`; statistics, report and viewer: `synth_report`. No torch here.
+dataset whatever the concurrency. Prompts: `prompts`; parsing and checks: `parse`; the template teacher:
+`template`; storage: `store`; statistics, report and viewer: `report`; the command: `cli`. No torch here.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .client import Client, EndpointConfig, EndpointError
-from .errors import ConfigError
-from .synth_parse import Rejected, check_dialogue, parse_reply
-from .synth_prompt import SYSTEM_PROMPT, Caption, DialogueSpec, build_prompt, builtin_demos
-from .synth_store import LOG, REJECTS, RunState, commit, export, open_run
-from .synth_template import template_reply
+from ..client import Client, EndpointConfig, EndpointError
+from ..errors import ConfigError
+from .calls import Call, CallResult, Outcome, Reply
+from .parse import Rejected, check_dialogue, parse_reply
+from .prompts import SYSTEM_PROMPT, Caption, DialogueSpec, build_prompt, builtin_demos
+from .store import LOG, REJECTS, RunState, commit, export, open_run
+from .template import template_reply
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +51,6 @@ class SynthConfig:
             raise ConfigError(f"need n >= 1, concurrency >= 1, max_calls >= 0 and max_failures >= 1, got n={self.n}, "
                               f"concurrency={self.concurrency}, max_calls={self.max_calls}, "
                               f"max_failures={self.max_failures}")
-
-
-@dataclass(frozen=True)
-class Call:
-    """One teacher call: its candidates, the first-turn image count of each dialogue asked for, and its prompt."""
-
-    index: int
-    id: str  # "<mode>-s<seed>-c<index>": the same call gets the same id in every run with this seed
-    candidates: tuple[Caption, ...]
-    first_images: tuple[int, ...]
-    prompt: str = field(repr=False)
-    seed: int = 0  # for the template teacher
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    usage: dict = field(default_factory=dict)  # prompt_tokens, completion_tokens as the endpoint reports them
-    attempts: int = 1
-    finish_reason: str | None = None
-    model: str = ""
-    prompt: str | None = None  # what the teacher was given, when it is not the call's prompt
 
 
 class Teacher(Protocol):
@@ -159,26 +138,6 @@ class RateLimiter:
             self.next = start + self.interval
         if start > now:
             self.sleep(start - now)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    id: str  # "<call id>-d<k>" for the k-th dialogue, "<call id>-reply" for the reply as a whole
-    dialogue: list[dict] | None  # SparklesDialogue messages when accepted
-    reason: str = ""
-    detail: str = ""
-    warnings: tuple[str, ...] = ()
-    parsed: Any = None  # the rejected dialogue as parsed, when there was one
-
-
-@dataclass(frozen=True)
-class CallResult:
-    call: Call
-    reply: Reply | None  # None when the endpoint failed
-    outcomes: tuple[Outcome, ...] = ()
-    method: str = ""  # how the reply was parsed
-    error: str = ""
-    seconds: float = 0.0
 
 
 def judge_reply(call: Call, reply: Reply, *, spec: DialogueSpec, known: set[str]) -> tuple[list[Outcome], str]:
@@ -307,21 +266,16 @@ def _fingerprint(captions: Sequence[Caption], demos: Sequence[list[dict]], confi
 
 @contextlib.contextmanager
 def _log_to(path: Path):
+    """Every message of the synthesis folder's modules (the runner's and the store's) into the run's log file."""
+    folder = logging.getLogger(__package__)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    level = folder.level
+    folder.addHandler(handler)
+    folder.setLevel(logging.INFO)
     try:
         yield
     finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+        folder.removeHandler(handler)
+        folder.setLevel(level)
         handler.close()
-
-
-def add_cli(commands) -> None:
-    """`sparkles synth [run] …`, `sparkles synth stats DIR`, `sparkles synth view DIR` (see `synth_cli`)."""
-    from .synth_cli import add_cli as add
-
-    add(commands)

@@ -14,16 +14,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ConfigError, InputError
-from .synth_parse import dedup_key
-from .synth_prompt import Caption, demo_messages, parse_captions
+from ..errors import ConfigError, InputError
+from .calls import CallResult
+from .parse import dedup_key
+from .prompts import Caption, demo_messages, parse_captions
 
-if TYPE_CHECKING:
-    from .synth import CallResult
-
-log = logging.getLogger("sparkles.synth")
+log = logging.getLogger(__name__)
 DATASET, REJECTS, CALLS, RUN, LOG = "dataset.jsonl", "rejects.jsonl", "calls.jsonl", "run.json", "synth.log"
 EXPORT, SUMMARY = "SparklesDialogue.json", "summary.json"
 

@@ -12,8 +12,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .errors import InputError
-from .synth_prompt import Caption, DialogueSpec, number_word
+from ..errors import InputError
+from .prompts import Caption, DialogueSpec, number_word
 
 Turn = tuple[str, str]  # (user question, assistant answer)
 

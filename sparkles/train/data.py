@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InputError
-from .image import load_images
-from .processor import IGNORE, Processor, Rendered
+from ..errors import InputError
+from ..image import load_images
+from ..processor import IGNORE, Processor, Rendered
 from .records import Sample
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import OptimConfig, TrainConfig, to_dict
-from .errors import CheckpointError, ConfigError
+from ..config import OptimConfig, TrainConfig, to_dict
+from ..errors import CheckpointError, ConfigError
 from .resume import Dist, barrier, latest_checkpoint, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,8 @@ def describe(config: TrainConfig) -> str:
 
 def build_model_for(config: TrainConfig, dist: Dist):
     """The model to train, from a config or an init checkpoint; its trainable parts follow the learning rates."""
-    from .checkpoint import load_checkpoint
-    from .model import build_model
+    from ..model.checkpoint import load_checkpoint
+    from ..model.model import build_model
 
     parts = trained_parts(config.optim)
     with torch.random.fork_rng():
@@ -221,7 +221,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Train until `optim.max_steps`, checkpointing every `save_every` steps; returns the final model folder."""
     from tqdm.auto import tqdm
 
-    from .checkpoint import save_checkpoint
+    from ..model.checkpoint import save_checkpoint
 
     dist = init_distributed()
     out, optim = Path(config.out), config.optim
@@ -299,7 +299,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     weights = full_state(wrapped, dist, None)
     if dist.main:
         if sharded:  # FSDP2 left this process's module sharded: put the gathered weights into a plain copy
-            from .model import build_model
+            from ..model.model import build_model
 
             model = build_model(model.config, load_weights=False, tokenizer=processor.tokenizer)[0]
             model.load_state_dict(weights)

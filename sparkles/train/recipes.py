@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (
+from ..config import (
     SPARKLESCHAT_SYSTEM,
     TINY,
     DataConfig,
@@ -25,7 +25,7 @@ from .config import (
     override,
     to_dict,
 )
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # The embedded default model: our ViT on 64-pixel images, 16 image tokens, a 4-layer LM over a BPE vocabulary
 # fitted to the shapes world, trained from scratch on items drawn on the fly.
@@ -175,7 +175,7 @@ def _run(args) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from .train import train
+    from .loop import train
 
     final = train(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from . import formats
-from .config import DataSource, Kind
-from .conversation import Conversation, Image, Message, parse_markup, validate
-from .errors import InputError
+from .. import formats
+from ..config import DataSource, Kind
+from ..conversation import Conversation, Image, Message, parse_markup, validate
+from ..errors import InputError
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ CAPTION_PROMPTS = ("IMAGE#1<Img><ImageHere></Img> Describe this image in detail.
                    "IMAGE#1<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
                    "IMAGE#1<Img><ImageHere></Img> Please provide a detailed description of the picture.",
                    "IMAGE#1<Img><ImageHere></Img> Could you describe the contents of this image for me?")
+
+# prefix -> factory(name, seed) of a sequence of samples made on the fly rather than read from a file
+STREAMS: Registry = Registry("sample stream", {"world": "sparkles.world.data"})
 
 
 @dataclass(frozen=True)
@@ -59,13 +63,12 @@ class ReadReport:
 def read_source(source: DataSource, *, strict: bool = False, seed: int = 0) -> tuple[list[Sample], ReadReport]:
     """All samples of one file, the bad records skipped (or raised, with `strict`) and reported.
 
-    A path ``world:<kind>`` (caption, dialogue, bison, nlvr2) is an endless stream of shapes-world items drawn
-    on the fly from `seed`.
+    A path ``<stream>:<name>`` names a registered stream instead of a file: ``world:<kind>`` (caption, dialogue,
+    bison, nlvr2) is an endless stream of shapes-world items drawn on the fly from `seed`.
     """
-    if source.path.startswith("world:"):
-        from .worlddata import WorldSamples
-
-        samples = WorldSamples(source.path.removeprefix("world:"), seed)
+    prefix, colon, name = source.path.partition(":")
+    if colon and prefix in STREAMS:
+        samples = STREAMS.get(prefix)(name, seed)
         return samples, ReadReport(source.path, records=len(samples), samples=len(samples))
     path = Path(source.path)
     records = read_records(path)

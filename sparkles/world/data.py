@@ -11,9 +11,10 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from .conversation import Conversation, Message, Text
-from .errors import ConfigError
-from .records import Sample
+from ..conversation import Conversation, Message, Text
+from ..errors import ConfigError
+from ..tokenizer import NAMED
+from ..train.records import STREAMS, Sample
 
 PREFIX = "world:"
 NOMINAL_SIZE = 10_000_000  # an endless stream, sized so that no run ever reaches the end of an "epoch"
@@ -23,7 +24,7 @@ class WorldSamples(Sequence):
     """Sample i of `kind`, drawn from its own seed on demand: nothing on disk, nothing repeats."""
 
     def __init__(self, kind: str, seed: int, *, turns: int = 2):
-        from .world import MAKERS, WorldConfig
+        from .tasks import MAKERS, WorldConfig
 
         if kind not in MAKERS:
             raise ConfigError(f"unknown world source {PREFIX}{kind}; expected one of "
@@ -44,7 +45,7 @@ class WorldSamples(Sequence):
 
 def world_texts(n: int, seed: int = 0) -> Iterator[str]:
     """Every message of n items of each kind: the corpus the default tokenizer learns its merges from."""
-    from .world import MAKERS
+    from .tasks import MAKERS
 
     for kind in MAKERS:
         samples = WorldSamples(kind, seed)
@@ -62,8 +63,8 @@ def world_tokenizer(vocab_size: int = 1024, *, image_token: str = "<image>"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .config import MULTI_IMAGE_SYSTEM
-    from .tokenizer import SPECIAL
+    from ..config import MULTI_IMAGE_SYSTEM
+    from ..tokenizer import SPECIAL
 
     core = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -89,8 +90,8 @@ def evaluate_world(chat, *, n: int = 50, seed: int = 1, batch: int = 32, blank: 
     Turn 2 is asked after the model's own turn-1 answer. With `blank`, every image is replaced by a flat grey
     one: the score of a model that cannot see, which an accuracy must beat to show the model looks.
     """
-    from .config import SamplingParams
-    from .world import make_eval_set, score
+    from ..config import SamplingParams
+    from .tasks import make_eval_set, score
 
     params = params or SamplingParams(max_new_tokens=64)
     items = [_blanked(i) if blank else i for i in make_eval_set(n, seed)]
@@ -140,3 +141,8 @@ def _tally(rows: list[dict]) -> tuple[dict[str, float], dict[str, int]]:
         if row["kind"] == "dialogue":
             groups["dialogue"].append(row["correct"])
     return ({k: sum(v) / len(v) for k, v in sorted(groups.items())}, {k: len(v) for k, v in sorted(groups.items())})
+
+
+# What the rest of Sparkles finds by name without importing the world: `world:<kind>` sources and `world-bpe`.
+STREAMS.register(PREFIX.rstrip(":"), WorldSamples)
+NAMED.register("world-bpe", world_tokenizer)

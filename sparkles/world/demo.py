@@ -27,12 +27,12 @@ def add_cli(commands) -> None:
 
 
 def run(args) -> int:
-    from .checkpoint import is_untrained_default, load
-    from .config import SamplingParams
-    from .conversation import Conversation
-    from .errors import ConfigError
-    from .generate import Chat
-    from .world import WorldConfig, make_dialogue, score
+    from ..config import SamplingParams
+    from ..conversation import Conversation
+    from ..errors import ConfigError
+    from ..generate import Chat
+    from ..model.checkpoint import is_untrained_default, load
+    from .tasks import WorldConfig, make_dialogue, score
 
     if args.turns < 2:
         raise ConfigError(f"--turns must be 2 or more, got {args.turns}")
@@ -69,7 +69,7 @@ def run(args) -> int:
 
 
 def _assistant(text: str):
-    from .conversation import Message, Text
+    from ..conversation import Message, Text
 
     return Message("assistant", (Text(text),))
 
@@ -85,7 +85,7 @@ def _save_images(item, out: Path) -> dict[str, Path]:
 
 def _with_files(message, files: dict[str, Path]) -> str:
     """The user's words with each image shown as its name, file and what it holds."""
-    from .conversation import Image
+    from ..conversation import Image
 
     out = []
     for part in message.parts:
@@ -97,7 +97,7 @@ def _with_files(message, files: dict[str, Path]) -> str:
 
 
 def _write_page(out: Path, seed: int, item, rows: list[dict], files: dict[str, Path]) -> Path:
-    from .conversation import Image
+    from ..conversation import Image
 
     users = [m for m in item.conversation if m.role == "user"]
     blocks = []

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 # Saturated colours far apart in RGB, so that no two are confused and none is near the grey backgrounds.
@@ -366,7 +366,7 @@ def score(truth: Truth, answer: str) -> Score:
     """
     kind, claims, text = truth.kind, read_claims(answer), " ".join(answer.lower().split())
     if kind in ("bison", "nlvr2") and "therefore" in text:
-        from .tasks.common import extract_option  # the original's extractor, kept with the BISON/NLVR2 tasks
+        from ..eval.tasks.common import extract_option  # the original's extractor, kept with the BISON/NLVR2 tasks
 
         options = ("image#1", "image#2") if kind == "bison" else ("true", "false")
         expected = options[0] if (truth.images[0] == "1" if kind == "bison" else truth.value) else options[1]

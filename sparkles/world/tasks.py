@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 
 from PIL import Image as PILImage
 
+from ..conversation import SLOT, Conversation, Image, Message, user_message
+from ..errors import ConfigError
+from ..formats import to_sparkles_dialogue
 from . import shapes
-from .conversation import SLOT, Conversation, Image, Message, user_message
-from .errors import ConfigError
-from .formats import to_sparkles_dialogue
 from .shapes import Scene, SceneConfig, Score, Truth, caption, count, noun, number_word, score, with_article
 
 __all__ = ["Item", "Score", "Truth", "WorldConfig", "generate", "make_eval_set", "score"]
@@ -239,7 +239,7 @@ def _item(item_id: str, kind: str, scenes, turns: list[tuple[list[str], Q]], con
 
 def make_bison(rng: random.Random, config: WorldConfig = WorldConfig(), *, item_id: str = "") -> Item:
     """A caption and two images that differ in one thing; the answer names the one that matches."""
-    from .tasks.bison import PROMPT  # the original's prompt lives with its evaluator
+    from ..eval.tasks.bison import PROMPT  # the original's prompt lives with its evaluator
 
     true = shapes.sample_scene(rng, config.scene)
     other, _ = shapes.vary(true, rng, config.scene)
@@ -256,7 +256,7 @@ def make_bison(rng: random.Random, config: WorldConfig = WorldConfig(), *, item_
 
 def make_nlvr2(rng: random.Random, config: WorldConfig = WorldConfig(), *, item_id: str = "") -> Item:
     """A statement about a left and a right image, true or false; each template is true half of the time."""
-    from .tasks.nlvr2 import PROMPT
+    from ..eval.tasks.nlvr2 import PROMPT
 
     want, template, sentence = rng.random() < 0.5, rng.choice(shapes.STATEMENTS), None
     while sentence is None:  # new pairs until this template can say something `want`-true about one

@@ -1,12 +1,12 @@
 """Evaluation tasks: SparklesEval, BISON and NLVR2 read from the original folder layouts, behind one `Task`
-protocol (`common.py`). A new task is a module with a `load(root, …)` function and one line in `LOADERS`.
+protocol (`common.py`). A new task is a module with a `load(root, …)` function registered in `LOADERS`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
+from ...registry import Registry
 from .common import Example, Scored, Task, conversation_for, extract_option
 
 
@@ -28,20 +28,16 @@ def _nlvr2(root: str | Path, *, extractor: str = "legacy") -> Task:
     return load(root, extractor=extractor)
 
 
-def _shapes(root: str | Path | None, *, n: int = 50, seed: int = 1, **options) -> Task:
-    from .shapes import load
-
-    return load(root, n=n, seed=seed)
-
-
-# name -> loader(root, **options); `sparkles eval <name>` is made for each entry.
-LOADERS = {"sparkleseval": _sparkleseval, "bison": _bison, "nlvr2": _nlvr2, "shapes": _shapes}
+# name -> loader(root, **options); `sparkles eval <name>` is made for each entry. The shapes world registers its
+# exactly scored benchmark from its own folder (`world/benchmark.py`), so evaluation never imports the world.
+LOADERS: Registry = Registry("task", {"shapes": "sparkles.world.benchmark"})
+LOADERS.register("sparkleseval", _sparkleseval)
+LOADERS.register("bison", _bison)
+LOADERS.register("nlvr2", _nlvr2)
 
 
 def load_task(name: str, root: str | Path, **options) -> Task:
-    if name not in LOADERS:
-        raise ConfigError(f"unknown task {name!r}; tasks: {', '.join(LOADERS)}")
-    return LOADERS[name](root, **options)
+    return LOADERS.get(name)(root, **options)
 
 
 __all__ = ["Example", "LOADERS", "Scored", "Task", "conversation_for", "extract_option", "load_task"]

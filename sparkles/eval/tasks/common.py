@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from ..conversation import Conversation, Image, Message, Text
-from ..errors import InputError
+from ...conversation import Conversation, Image, Message, Text
+from ...errors import InputError
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..conversation import Image, Message, parse_markup
-from ..errors import InputError
+from ...conversation import Image, Message, parse_markup
+from ...errors import InputError
 from .common import Example, PairTask, read_annotations
 
 ANNOTATIONS = "annotations/sparkles_evaluation_nlvr2_annotations.json"

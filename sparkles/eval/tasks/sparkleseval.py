@@ -13,9 +13,9 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from ..conversation import SLOT, Image, Message
-from ..errors import InputError
-from ..formats import from_sparkles_dialogue
+from ...conversation import SLOT, Image, Message
+from ...errors import InputError
+from ...formats import from_sparkles_dialogue
 from ..judge import sparkleseval_prompt
 from .common import Example, Scored, read_annotations
 

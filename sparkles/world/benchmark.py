@@ -1,5 +1,5 @@
 """The shapes world as an exactly scored task: fresh BISON-style, NLVR2-style and two-turn dialogue items whose
-answers are checked against the scenes (`world.score`). Nothing is read from disk: `n` and `seed` choose the items,
+answers are checked against the scenes (`tasks.score`). Nothing is read from disk: `n` and `seed` choose the items,
 and turn 2 of a dialogue is asked after the model's own turn-1 answer.
 """
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .common import Example, Scored
+from ..eval.tasks import LOADERS
+from ..eval.tasks.common import Example, Scored
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ShapesTask:
 
     def score(self, example: Example, answers, judgment: Any = None) -> Scored:
         """Each turn right or wrong; parts give the accuracy per task type and, for dialogues, per turn."""
-        from ..world import score
+        from .tasks import score
 
         item = self.by_id[example.id]
         results = [score(truth, answer) for truth, answer in zip(item.truths, answers)]
@@ -61,7 +62,10 @@ def _with_sources(message):
 
 def load(root=None, *, n: int = 50, seed: int = 1, **options) -> ShapesTask:
     """n items of each type drawn from `seed` (the training streams never use these seeds)."""
-    from ..world import make_eval_set
+    from .tasks import make_eval_set
 
     items = tuple(make_eval_set(n, seed))
     return ShapesTask(items, by_id={item.id: item for item in items})
+
+
+LOADERS.register("shapes", lambda root=None, *, n=50, seed=1, **options: load(root, n=n, seed=seed))
