@@ -7,7 +7,8 @@ from conftest import solid, tiny_config
 from sparkles.config import VisionConfig
 from sparkles.conversation import Conversation, Message, user_message
 from sparkles.errors import ConfigError, InputError
-from sparkles.model.model import CONNECTORS, build_model
+from sparkles.model.connectors import CONNECTORS
+from sparkles.model.model import build_model
 from sparkles.processor import IGNORE
 
 

@@ -1,8 +1,8 @@
 """The vision-language model: vision tower -> connector -> causal LM, with image features merged by one mask.
 
 Shape notation: N images, P tower tokens per image, C tower width, K image tokens per image in the LM, D LM width,
-B batch, T sequence length. Connectors are small modules in one dict. Checkpoint files live in `checkpoint.py`,
-generation in `generate.py`.
+B batch, T sequence length. Connectors live in `connectors.py`, checkpoint files in `checkpoint.py`, generation
+in `generate.py`.
 """
 
 from __future__ import annotations
@@ -16,62 +16,8 @@ from ..config import ModelConfig
 from ..errors import ConfigError, InputError
 from ..processor import Processor
 from ..tokenizer import NAMED, byte_tokenizer, load_tokenizer
+from .connectors import CONNECTORS
 from .vision import build_vision
-
-
-class LinearConnector(nn.Module):
-    """One projection per token: SparklesChat's `llama_proj` (768 -> 4096). Keeps P tokens."""
-
-    def __init__(self, in_dim: int, out_dim: int, *, num_tokens: int, tokens_per_image: int):
-        super().__init__()
-        _check_same(num_tokens, tokens_per_image, "linear")
-        self.proj = nn.Linear(in_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-class MLPConnector(nn.Module):
-    """LLaVA-1.5's two-layer GELU MLP. Keeps P tokens."""
-
-    def __init__(self, in_dim: int, out_dim: int, *, num_tokens: int, tokens_per_image: int):
-        super().__init__()
-        _check_same(num_tokens, tokens_per_image, "mlp")
-        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class Resampler(nn.Module):
-    """K learned queries cross-attend to the P tower tokens (Flamingo/Qwen-VL style): any P becomes K tokens."""
-
-    def __init__(self, in_dim: int, out_dim: int, *, num_tokens: int, tokens_per_image: int, heads: int = 4):
-        super().__init__()
-        if out_dim % heads:
-            heads = 1
-        self.queries = nn.Parameter(torch.randn(tokens_per_image, out_dim) * 0.02)
-        self.position = nn.Parameter(torch.zeros(num_tokens, out_dim))
-        self.proj = nn.Linear(in_dim, out_dim)
-        self.norm_q, self.norm_kv, self.norm_out = nn.LayerNorm(out_dim), nn.LayerNorm(out_dim), nn.LayerNorm(out_dim)
-        self.attn = nn.MultiheadAttention(out_dim, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(out_dim, 4 * out_dim), nn.GELU(), nn.Linear(4 * out_dim, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kv = self.norm_kv(self.proj(x) + self.position)  # (N, P, D)
-        q = self.norm_q(self.queries).expand(x.shape[0], -1, -1)  # (N, K, D)
-        h = q + self.attn(q, kv, kv, need_weights=False)[0]
-        return self.norm_out(h + self.mlp(h))  # (N, K, D)
-
-
-CONNECTORS = {"linear": LinearConnector, "mlp": MLPConnector, "resampler": Resampler}
-
-
-def _check_same(num_tokens: int, tokens_per_image: int, name: str) -> None:
-    if num_tokens != tokens_per_image:
-        raise ConfigError(f"the {name} connector keeps the tower's {num_tokens} tokens per image, but "
-                          f"tokens_per_image is {tokens_per_image}: set tokens_per_image={num_tokens} or use "
-                          "connector=resampler")
 
 
 class VisionLanguageModel(nn.Module):
