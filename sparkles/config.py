@@ -154,6 +154,10 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp2"] = "ddp"  # how several processes share the work under torchrun
     activation_checkpointing: bool = False
     export: Literal["all", "trainable"] = "all"  # what the final model/ folder holds
+    max_nonfinite: int = 5  # optimizer steps in a row with a NaN/inf loss or gradient that stop the run
+    eval_every: int = 0  # steps between evaluations during training (0 = never); rows go to metrics.jsonl
+    eval_n: int = 16  # items per task type in each of those evaluations (and as many on grey images)
+    evaluator: str = "world"  # a registered evaluator (`train.evaluators.EVALUATORS`): what eval_every scores
 
 
 def to_dict(config: Any) -> dict:
