@@ -59,7 +59,7 @@ class LoraConfig:
 class ModelConfig:
     vision: VisionConfig = VisionConfig()
     language: LanguageConfig = LanguageConfig()
-    connector: Literal["linear", "mlp", "resampler"] = "mlp"
+    connector: Literal["linear", "mlp", "resampler", "shuffle"] = "mlp"
     tokens_per_image: int = 16  # K: image tokens per image after the connector (SparklesChat: 32)
     template: Literal["sparkles", "chat_template"] = "sparkles"  # `###Human:` form, or the tokenizer's own
     system_prompt: str = MULTI_IMAGE_SYSTEM  # "" for none
@@ -141,6 +141,15 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of a staged recipe: its kind of training and the overrides that make it from the recipe."""
+
+    name: str
+    kind: str = "vlm"  # "vlm": the training loop; others are registered (`train.stages.STAGE_KINDS`)
+    overrides: tuple[str, ...] = ()  # key=value, as on the command line; the command line's own come after
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = TINY
     init: str | None = None  # start from this checkpoint folder's weights (e.g. an imported SparklesChat)
@@ -158,6 +167,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations during training (0 = never); rows go to metrics.jsonl
     eval_n: int = 16  # items per task type in each of those evaluations (and as many on grey images)
     evaluator: str = "world"  # a registered evaluator (`train.evaluators.EVALUATORS`): what eval_every scores
+    stages: tuple[Stage, ...] = ()  # run in order, each in out/<k>-<name>/ and starting from the one before
 
 
 def to_dict(config: Any) -> dict:

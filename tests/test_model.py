@@ -71,7 +71,8 @@ def test_only_trainable_parts_learn_and_frozen_parts_stay_in_eval_mode():
 
 @pytest.mark.parametrize("connector", sorted(CONNECTORS))
 def test_every_connector_gives_k_tokens_of_lm_width(connector):
-    tokens = 16 if connector != "resampler" else 5  # a 32-pixel image in 8-pixel patches has 16 tokens
+    # a 32-pixel image in 8-pixel patches has 16 tokens; the shuffle connector folds each 2×2 block into one
+    tokens = {"resampler": 5, "shuffle": 4}.get(connector, 16)
     model, _ = build_model(tiny_config(connector=connector, tokens_per_image=tokens))
     out = model.encode_images(torch.randn(3, 3, 32, 32))
     assert tuple(out.shape) == (3, tokens, model.lm.config.hidden_size)

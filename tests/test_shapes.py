@@ -9,17 +9,16 @@ import pytest
 
 from sparkles.errors import ConfigError
 from sparkles.world import shapes
+from sparkles.world.scoring import Truth, read_claims, score
 from sparkles.world.shapes import (
     COLORS,
     Background,
     Obj,
     Scene,
     SceneConfig,
-    Truth,
     caption,
     render,
     sample_scene,
-    score,
 )
 
 EVERYTHING = SceneConfig(shapes=shapes.SHAPES, max_objects=5)
@@ -200,6 +199,6 @@ def test_the_score_says_what_it_expected_and_found():
 
 
 def test_claims_read_numbers_colours_shapes_and_images():
-    claims = shapes.read_claims("IMAGE#12 has two Red crosses, 3 squares and no stars; image #4 is TRUE.")
+    claims = read_claims("IMAGE#12 has two Red crosses, 3 squares and no stars; image #4 is TRUE.")
     assert claims == {"image": {"12", "4"}, "number": {2, 3, 0}, "color": {"red"},
                       "shape": {"cross", "square", "star"}, "value": {"true"}}

@@ -11,7 +11,7 @@ from sparkles.cli import main
 from sparkles.conversation import Conversation, Message, to_markup, validate
 from sparkles.errors import ConfigError
 from sparkles.formats import from_sparkles_dialogue, to_sparkles_dialogue
-from sparkles.world import shapes
+from sparkles.world import scoring, shapes
 from sparkles.world.tasks import (
     MAKERS,
     SETS,
@@ -72,7 +72,7 @@ def test_truths_match_a_recount_from_the_scenes():
         for turn, truth in zip(item.turns, item.truths):
             text = to_markup(turn.parts)
             shown += [i.label for i in turn.images]
-            claims = shapes.read_claims(text)
+            claims = scoring.read_claims(text)
             attr = attr if text.startswith("And in") else _attr(claims)
             asked = shown if "we discussed" in text else sorted(claims["image"])
             counts = {b: shapes.count(scenes[b], **attr) for b in asked}
@@ -121,8 +121,8 @@ def test_the_original_form_is_the_spec_prompt_with_its_slots():
 def test_turn_two_follows_the_models_own_answer_and_scores_on_its_own():
     from sparkles.eval.tasks import Example, conversation_for
 
-    item = make_eval_set(2, seed=3)[-1]
-    assert item.kind == "dialogue" and item.id == "dialogue-3-1"
+    item = [i for i in make_eval_set(2, seed=3) if i.kind == "dialogue"][-1]
+    assert item.id == "dialogue-3-1"
     prompt = conversation_for(Example(item.id, item.turns), ["Sorry, I cannot see it."])
     validate(prompt)
     assert prompt[1].text == "Sorry, I cannot see it." and prompt[2] == item.turns[1]
@@ -132,13 +132,30 @@ def test_turn_two_follows_the_models_own_answer_and_scores_on_its_own():
 
 def test_the_eval_set_is_what_generate_writes(tmp_path):
     items = make_eval_set(3, seed=5)
-    assert [i.kind for i in items] == ["bison"] * 3 + ["nlvr2"] * 3 + ["dialogue"] * 3
+    assert [i.kind for i in items] == ["bison"] * 3 + ["nlvr2"] * 3 + ["dialogue"] * 3 + ["caption"] * 3
     generate(tmp_path, n=3, seed=5, progress=False)
     truths = [json.loads(line) for line in (tmp_path / "truth.jsonl").read_text().splitlines()]
     by_set = {(t["set"], t["id"], t["turn"]): t["answer"] for t in truths}
+    captions = _json(tmp_path / SETS["captions"][1])
     for item in items:
-        name, i = {"bison": "BISON", "nlvr2": "NLVR2", "dialogue": "SparklesEval"}[item.kind], int(item.id[-1])
+        i = int(item.id[-1])
+        if item.kind == "caption":  # one image, "Describe IMAGE#1.", the caption captions.json holds
+            assert to_markup(item.turns[0].parts) == "Describe IMAGE#1<Img><ImageHere></Img>." and len(item.scenes) == 1
+            assert item.truths[0].words == (captions[i]["caption"],)
+            continue
+        name = {"bison": "BISON", "nlvr2": "NLVR2", "dialogue": "SparklesEval"}[item.kind]
         assert [by_set[(name, i, t + 1)] for t in range(len(item.truths))] == [t.answer for t in item.truths]
+
+
+def test_adding_captions_changed_no_earlier_item():
+    """The kinds scored before captions came keep their items, so earlier numbers still compare: the digest is of
+    make_eval_set(2, seed=7) before captions were added (ids, answers, scene digests)."""
+    import hashlib
+
+    items = [i for i in make_eval_set(2, seed=7) if i.kind != "caption"]
+    data = [(i.id, [t.answer for t in i.truths], [im.sha256 for im in i.conversation.images]) for i in items]
+    digest = hashlib.sha256(json.dumps(data).encode()).hexdigest()
+    assert digest == "c11ba2498ce38fe5e3f38ef9317acd140eb34b67f9d07478cc66c601246cc9ea"
 
 
 def _json(path: Path):
@@ -174,7 +191,7 @@ def test_generate_writes_the_original_layouts(tmp_path, capsys):
         for k in (0, 1):
             assert (tmp_path / "NLVR2" / "images" / f"{record['identifier'][:-2]}-img{k}.png").is_file()
     for line in (tmp_path / "truth.jsonl").read_text().splitlines():
-        truth = shapes.truth_from_dict(json.loads(line))
+        truth = scoring.truth_from_dict(json.loads(line))
         assert score(truth, truth.answer).correct
 
 
@@ -200,7 +217,7 @@ def test_jpegs_keep_colours_true_at_the_centre_of_objects(tmp_path):
 
     generate(tmp_path, n=2, seed=1, progress=False)
     record = _json(tmp_path / SETS["SparklesEval"][1])[0]
-    item = make_eval_set(1, seed=1)[-1]
+    item = next(i for i in make_eval_set(1, seed=1) if i.kind == "dialogue")
     first = record["dialogue"][0]["images"][0]["image_id"]
     image = PILImage.open(io.BytesIO((tmp_path / "SparklesEval" / "images" / f"{first}.jpg").read_bytes()))
     for o in item.scenes[0].objects:

@@ -33,8 +33,12 @@ def test_the_fitted_tokenizer_is_compact_and_exact():
 def test_evaluate_world_scores_every_task_type_and_the_blind_baseline(tiny):
     chat = Chat(*tiny)
     result = evaluate_world(chat, n=2, seed=5, params=SamplingParams(max_new_tokens=8))
-    assert set(result.accuracy) == {"bison", "nlvr2", "dialogue", "dialogue turn 1", "dialogue turn 2"}
-    assert result.n["bison"] == 2 and result.n["dialogue"] == 4
+    assert set(result.accuracy) == {"bison", "nlvr2", "dialogue", "dialogue turn 1", "dialogue turn 2", "caption",
+                                    "caption precision", "caption recall"}
+    assert result.n["bison"] == 2 and result.n["dialogue"] == 4 and result.n["caption"] == 2
+    captions = [r["objects"] for r in result.rows if r["kind"] == "caption"]  # (matched, claimed, present) each
+    assert result.n["caption recall"] == sum(c[2] for c in captions) >= 2
+    assert result.accuracy["caption recall"] == sum(c[0] for c in captions) / result.n["caption recall"]
     assert all(0.0 <= v <= 1.0 for v in result.accuracy.values())
     assert {row["turn"] for row in result.rows} == {1, 2}
     blind = evaluate_world(chat, n=1, seed=5, blank=True, params=SamplingParams(max_new_tokens=4))
@@ -50,8 +54,9 @@ def test_sparkles_eval_shapes_reports_accuracy_per_task_type(tmp_path, capsys):
     assert main(["eval", "shapes", "--n", "2", "--seed", "4", "--out", str(out), "--max-new-tokens", "6",
                  "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n"] == 6 and summary["task"] == "shapes"
-    assert set(summary["per_criterion"]) == {"bison", "nlvr2", "dialogue turn 1", "dialogue turn 2"}
+    assert summary["n"] == 8 and summary["task"] == "shapes"
+    assert set(summary["per_criterion"]) == {"bison", "nlvr2", "dialogue turn 1", "dialogue turn 2", "caption",
+                                             "caption precision", "caption recall"}
     assert "data:image/png" in (out / "report.html").read_text()  # generated images travel inside the report
     assert main(["eval", "bison", "--out", str(tmp_path / "b")]) == 2
     assert "needs --data DIR" in capsys.readouterr().err

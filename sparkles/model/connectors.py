@@ -6,6 +6,8 @@ Shape notation as in `model.py`: N images, P tower tokens, C tower width, K toke
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -57,7 +59,27 @@ class Resampler(nn.Module):
         return self.norm_out(h + self.mlp(h))  # (N, K, D)
 
 
-CONNECTORS = {"linear": LinearConnector, "mlp": MLPConnector, "resampler": Resampler}
+class ShuffleConnector(nn.Module):
+    """2×2 pixel-shuffle, then LLaVA's MLP: each token carries four neighbouring patches whole, so P tokens become
+    P/4 without the resampler's bottleneck, and what a patch holds reaches the LM intact."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_tokens: int, tokens_per_image: int):
+        super().__init__()
+        self.grid = math.isqrt(num_tokens)
+        if self.grid * self.grid != num_tokens or self.grid % 2 or tokens_per_image != num_tokens // 4:
+            raise ConfigError(f"the shuffle connector needs a square, even grid of tower tokens and "
+                              f"tokens_per_image = {num_tokens // 4} (a quarter of {num_tokens}); got a "
+                              f"{num_tokens}-token tower and tokens_per_image={tokens_per_image}")
+        self.net = nn.Sequential(nn.Linear(4 * in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, c = x.shape
+        g = self.grid
+        x = x.reshape(n, g // 2, 2, g // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, (g // 2) ** 2, 4 * c)
+        return self.net(x)  # (N, P/4, D), in raster order of the 2×2 blocks
+
+
+CONNECTORS = {"linear": LinearConnector, "mlp": MLPConnector, "resampler": Resampler, "shuffle": ShuffleConnector}
 
 
 def _check_same(num_tokens: int, tokens_per_image: int, name: str) -> None:

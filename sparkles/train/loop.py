@@ -1,8 +1,8 @@
 """Instruction tuning: parameter groups (lr 0 = frozen), the learning-rate schedule, resumable checkpoints and
 one readable training loop that runs alone or under torchrun (DDP or FSDP2).
 
-Data lives in `records.py` / `data.py`, the model in `model.py`; the command line (`sparkles train`) is at the end.
-Only rank 0 writes files and shows progress.
+Data lives in `records.py` / `data.py`, the model in `model.py`, the NaN/inf guard in `guard.py`, evaluation during
+training in `evaluators.py`. Only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import torch
 
 from ..config import OptimConfig, TrainConfig, to_dict
 from ..errors import CheckpointError, ConfigError
+from .evaluators import check_evaluation, due, evaluate
+from .guard import NonFiniteGuard, check_weights, mean_and_finite
 from .resume import Dist, barrier, latest_checkpoint, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
@@ -153,7 +156,7 @@ def make_loader(config: TrainConfig, processor, dist: Dist, *, start: int):
     """A DataLoader over the blend of every source, starting `start` global batches in."""
     from functools import partial
 
-    from .data import BlendSampler, TrainDataset, collate, collate_packed
+    from .data import BlendSampler, LengthEstimate, TrainDataset, collate, collate_packed
     from .records import read_source
 
     if not config.data.sources:
@@ -164,10 +167,10 @@ def make_loader(config: TrainConfig, processor, dist: Dist, *, start: int):
         for report in reports:
             (log.warning if report.skipped else log.info)(report.summary())
     dataset = TrainDataset(sources, processor, max_len=config.data.max_len)
+    lengths = LengthEstimate(sources, processor, max_len=config.data.max_len) if config.data.group_by_length else None
     sampler = BlendSampler([len(s) for s in sources], [s.ratio for s in config.data.sources],
                            batch_size=config.optim.batch_size, seed=config.seed, rank=dist.rank,
-                           world_size=dist.world, lengths=dataset.length if config.data.group_by_length else None,
-                           start=start)
+                           world_size=dist.world, lengths=lengths, start=start)
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     collate_fn = (partial(collate_packed, pad_id=pad, max_len=config.data.max_len) if config.data.pack
                   else partial(collate, pad_id=pad))
@@ -204,8 +207,9 @@ class Metrics:
         self.file.flush()
         if self.board:
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, row["step"])
+                for name, scalar in (value.items() if isinstance(value, dict) else [("", value)]):
+                    if key != "step" and isinstance(scalar, (int, float)):  # {"eval": {"x": 1}} -> eval/x
+                        self.board.add_scalar(f"{key}/{name}" if name else key, scalar, row["step"])
 
     def close(self) -> None:
         if self.file:
@@ -241,6 +245,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         _load_weights(model, latest / "weights.safetensors")
     wrapped = wrap_model(model, config.strategy, dist)
     sharded = dist.world > 1 and config.strategy == "fsdp2"
+    check_evaluation(config, sharded=sharded)
     optimizer = torch.optim.AdamW(param_groups(model, optim), betas=optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim))
     if latest:
@@ -253,50 +258,67 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     autocast = _autocast(optim.precision, dist.device)
     scaler = torch.amp.GradScaler("cuda") if optim.precision == "fp16" and dist.device.type == "cuda" else None
     metrics = Metrics(out, dist.main, after=state["step"] if resume else None)
+    guard = NonFiniteGuard(config.max_nonfinite)
     step, position, batches = state["step"], state["position"], iter(loader)
     bar = tqdm(total=optim.max_steps, initial=step, disable=not dist.main, desc="train", unit="step")
     wrapped.train()
     while step < optim.max_steps:
-        started, total_loss, tokens, samples, skipped = time.perf_counter(), 0.0, 0, 0, []
+        started, total_loss, tokens, samples, skipped, origins = time.perf_counter(), 0.0, 0, 0, [], []
         for micro in range(optim.grad_accum):
             batch = next(batches).to(dist.device)
             position += 1
-            skipped += batch.skipped
+            skipped, origins = skipped + batch.skipped, origins + batch.origins
             # Gradients are averaged across processes once per step, not after every micro-batch.
             quiet = micro < optim.grad_accum - 1 and hasattr(wrapped, "no_sync")
             with wrapped.no_sync() if quiet else nullcontext(), autocast:
-                loss = _loss(wrapped, batch, trainable) / optim.grad_accum
+                loss = _loss(wrapped, batch) / optim.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
             total_loss += loss.item()
             tokens, samples = tokens + batch.tokens, samples + batch.samples
         if scaler:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(trainable, optim.clip) if optim.clip else _grad_norm(trainable)
-        scaler.step(optimizer) if scaler else optimizer.step()
+        # All ranks agree, or one would step while another does not and the replicas drift apart. Under fp16 the
+        # scaler owns overflowing gradients (it skips that step itself and lowers its scale, as it must while it
+        # looks for a scale that fits), so only a non-finite loss counts against max_nonfinite there.
+        mean_loss, finite = mean_and_finite(total_loss, [] if scaler else [norm], dist)
+        if finite:
+            scaler.step(optimizer) if scaler else optimizer.step()
         if scaler:
             scaler.update()
+        guard.record(finite, step + 1, origins, dist)
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step calls it before optimizer.step(), as intended
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            scheduler.step()  # even after a skip: see guard.py for why a skipped step still counts
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
-        row = {"step": step, "loss": _mean_across(total_loss, dist), "lr": lr,
-               "grad_norm": float(norm), "samples_per_s": samples * dist.world / seconds,
+        norm = float(norm)
+        row = {"step": step, "loss": mean_loss if math.isfinite(mean_loss) else None, "lr": lr,
+               "grad_norm": norm if math.isfinite(norm) else None, "samples_per_s": samples * dist.world / seconds,
                "tokens_per_s": tokens * dist.world / seconds, "skipped": len(skipped)}
         for skip in skipped:
             log.warning(f"skipped {skip.origin}: {skip.reason}")
         if step % config.log_every == 0 or step == optim.max_steps:
-            metrics.write(row)
+            metrics.write({**row, "nonfinite": guard.take()})
+        guard.check(step)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if due(config, step):
+            scores = evaluate(model, processor, config, step, dist)
+            if scores is not None:
+                metrics.write({"step": step, "eval": scores})
         if step % config.save_every == 0 or step == optim.max_steps:
-            save_training_state(checkpoints, step, dist=dist, weights=full_state(wrapped, dist, names),
-                                optimizer=optimizer, scheduler=scheduler, position=position,
-                                keep_last=config.keep_last, sharded=sharded)
+            weights = full_state(wrapped, dist, names)
+            check_weights(weights, dist, f"the checkpoint of step {step}")
+            save_training_state(checkpoints, step, dist=dist, weights=weights, optimizer=optimizer,
+                                scheduler=scheduler, position=position, keep_last=config.keep_last, sharded=sharded)
     bar.close()
     metrics.close()
     final = out / "model"
     weights = full_state(wrapped, dist, None)
+    check_weights(weights, dist, f"the final model {final}")
     if dist.main:
         if sharded:  # FSDP2 left this process's module sharded: put the gathered weights into a plain copy
             from ..model.model import build_model
@@ -309,27 +331,22 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     return final
 
 
-def _loss(model, batch, trainable):
+def _loss(model, batch):
     if batch.samples == 0:
-        # Every sample of this micro-batch was skipped: a zero loss still takes part in the gradient all-reduce,
-        # so the other processes do not wait forever.
-        return sum(p.sum() for p in trainable) * 0.0
+        # Every sample of this micro-batch was skipped. The wrapped forward must still run, or this process
+        # skips the collectives that DDP/FSDP2 hang on it while the others wait in theirs: it runs on one token,
+        # without labels (an all-ignored loss is 0/0 = NaN), and its zero loss adds nothing to the gradients.
+        ids = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
+        loss = model(ids, None, torch.ones_like(ids), None, None).logits.float().sum() * 0.0
+        if not loss.requires_grad:  # a frozen LM: text alone reaches no trainable part, but backward needs one
+            loss = loss + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return loss
     return model(batch.input_ids, batch.pixel_values, batch.attention_mask, batch.labels, batch.position_ids).loss
 
 
 def _grad_norm(params) -> torch.Tensor:
     norms = [p.grad.detach().norm() for p in params if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.tensor(0.0)
-
-
-def _mean_across(value: float, dist: Dist) -> float:
-    if dist.world == 1:
-        return value
-    import torch.distributed
-
-    t = torch.tensor([value], device=dist.device)
-    torch.distributed.all_reduce(t)
-    return float(t) / dist.world
 
 
 def _autocast(precision: str, device: torch.device):

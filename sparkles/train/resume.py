@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +92,13 @@ def barrier(dist: Dist) -> None:
 
 
 def rng_state() -> dict:
+    """Every random stream a step may draw from: Python's, NumPy's, torch's CPU one and, on CUDA, each device's
+    (dropout on the GPU draws from the latter)."""
     import numpy as np
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": cuda}
 
 
 def set_rng_state(state: dict) -> None:
@@ -100,5 +107,13 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")  # absent from checkpoints written before the CUDA state was saved
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if len(cuda) != torch.cuda.device_count():
+        log.warning(f"the checkpoint holds the CUDA random state of {len(cuda)} devices but {torch.cuda.device_count()}"
+                    " are visible: CUDA random streams start afresh, so the resumed run may differ slightly")
+        return
+    torch.cuda.set_rng_state_all(cuda)
 
 

@@ -1,7 +1,8 @@
 """The shapes world as training data and as an exact benchmark: endless on-the-fly sources for the trainer, a BPE
-tokenizer learned from the world's own words, and accuracy per task type scored against the scenes.
+tokenizer learned from the world's own words, accuracy per task type scored against the scenes, and the "world"
+evaluator that training runs every `eval_every` steps.
 
-Items come from `world.py`; training streams use seeds that never meet the evaluation sets' seeds.
+Items come from `tasks.py`; training streams use seeds that never meet the evaluation sets' seeds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, replace
 from ..conversation import Conversation, Message, Text
 from ..errors import ConfigError
 from ..tokenizer import NAMED
+from ..train.evaluators import EVALUATORS
 from ..train.records import STREAMS, Sample
 
 PREFIX = "world:"
@@ -78,23 +80,27 @@ def world_tokenizer(vocab_size: int = 1024, *, image_token: str = "<image>"):
 
 @dataclass(frozen=True)
 class WorldScore:
-    accuracy: dict[str, float]  # bison, nlvr2, dialogue turn 1, dialogue turn 2, dialogue (both turns)
-    n: dict[str, int]
-    rows: list[dict]  # one per scored answer: item, kind, turn, answer, expected, correct
+    # Accuracy of bison, nlvr2, caption, dialogue turn 1, dialogue turn 2 and dialogue (both turns); and for the
+    # captions, "caption precision" and "caption recall" of their objects, micro-averaged over the set.
+    accuracy: dict[str, float]
+    n: dict[str, int]  # answers per task type; objects claimed (precision) and present (recall) for captions
+    rows: list[dict]  # one per scored answer: item, kind, turn, answer, expected, correct; captions: objects
 
 
 def evaluate_world(chat, *, n: int = 50, seed: int = 1, batch: int = 32, blank: bool = False, params=None,
                    progress=None) -> WorldScore:
-    """Accuracy on fresh items: n BISON-style, n NLVR2-style and n two-turn dialogues, scored exactly.
+    """Accuracy on fresh items: n BISON-style, n NLVR2-style, n two-turn dialogues and n one-image captions,
+    scored exactly; caption objects also score per object, so that a near miss shows how near.
 
     Turn 2 is asked after the model's own turn-1 answer. With `blank`, every image is replaced by a flat grey
     one: the score of a model that cannot see, which an accuracy must beat to show the model looks.
     """
     from ..config import SamplingParams
+    from .scoring import object_counts
     from .tasks import make_eval_set, score
 
     params = params or SamplingParams(max_new_tokens=64)
-    items = [_blanked(i) if blank else i for i in make_eval_set(n, seed)]
+    items = [blanked(i) if blank else i for i in make_eval_set(n, seed)]
     history = {i.id: [] for i in items}
     rows = []
     for turn in range(2):
@@ -107,6 +113,8 @@ def evaluate_world(chat, *, n: int = 50, seed: int = 1, batch: int = 32, blank: 
                 result = score(item.truths[turn], answer)
                 rows.append({"item": item.id, "kind": item.kind, "turn": turn + 1, "answer": answer,
                              "expected": result.expected, "correct": bool(result.correct)})
+                if item.kind == "caption":  # matched, claimed, present
+                    rows[-1]["objects"] = list(object_counts(item.truths[turn], answer))
             if progress:
                 progress(len(chunk))
     return WorldScore(*_tally(rows), rows)
@@ -125,7 +133,8 @@ def _ask(item, turn: int, answers: list[str]) -> Conversation:
     return Conversation(tuple(messages))
 
 
-def _blanked(item):
+def blanked(item):
+    """The item with every image replaced by flat grey: what a model that cannot see is shown."""
     from PIL import Image as PILImage
 
     grey = PILImage.new("RGB", (64, 64), (128, 128, 128))
@@ -140,9 +149,42 @@ def _tally(rows: list[dict]) -> tuple[dict[str, float], dict[str, int]]:
         groups[row["kind"] if row["kind"] != "dialogue" else f"dialogue turn {row['turn']}"].append(row["correct"])
         if row["kind"] == "dialogue":
             groups["dialogue"].append(row["correct"])
-    return ({k: sum(v) / len(v) for k, v in sorted(groups.items())}, {k: len(v) for k, v in sorted(groups.items())})
+    accuracy = {k: sum(v) / len(v) for k, v in groups.items()}
+    counts = {k: len(v) for k, v in groups.items()}
+    objects = [row["objects"] for row in rows if "objects" in row]
+    if objects:  # micro-averaged: sums over the set, so a scene of four objects weighs four times one of one
+        matched, claimed, present = (sum(column) for column in zip(*objects))
+        accuracy |= {"caption precision": matched / claimed if claimed else 0.0,
+                     "caption recall": matched / present if present else 0.0}
+        counts |= {"caption precision": claimed, "caption recall": present}
+    return dict(sorted(accuracy.items())), dict(sorted(counts.items()))
 
 
-# What the rest of Sparkles finds by name without importing the world: `world:<kind>` sources and `world-bpe`.
+def evaluate_for_training(model, processor, *, n: int, seed: int, max_new_tokens: int = 48) -> dict[str, float]:
+    """The "world" evaluator of `train.evaluators`: n fresh items of each task type from `seed`, greedy, short and
+    batched, on their images and again on grey ones (the blind baseline the first must beat). One flat row for
+    metrics.jsonl, every value in [0, 1]: caption, caption_precision, caption_recall, bison, nlvr2,
+    dialogue_turn_1, dialogue_turn_2, and each again with "_grey". The model is in eval mode while it runs and is
+    given back in the mode it came in, so a training loop can call this between steps.
+    """
+    from ..config import SamplingParams
+    from ..generate import Chat
+
+    chat, params = Chat(model, processor), SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    training = model.training
+    model.eval()
+    try:
+        row: dict[str, float] = {}
+        for suffix, blank in (("", False), ("_grey", True)):
+            accuracy = evaluate_world(chat, n=n, seed=seed, blank=blank, params=params).accuracy
+            row |= {k.replace(" ", "_") + suffix: v for k, v in accuracy.items() if k != "dialogue"}
+    finally:
+        model.train(training)
+    return row
+
+
+# What the rest of Sparkles finds by name without importing the world: `world:<kind>` sources, `world-bpe` and the
+# "world" evaluator that training runs every `eval_every` steps.
 STREAMS.register(PREFIX.rstrip(":"), WorldSamples)
 NAMED.register("world-bpe", world_tokenizer)
+EVALUATORS.register("world", evaluate_for_training)

@@ -1,24 +1,24 @@
 """The shapes world's scenes and their words, both ways. Scenes: a few coloured shapes on a plain, noisy, gradient
 or striped background, sampled from a `random.Random`, rendered deterministically, varied in one thing for
-BISON-style pairs. Words out: captions, counts, noun phrases, NLVR2-style statements. Words in: the exact scorer.
+BISON-style pairs; and their words: captions, counts, noun phrases, NLVR2-style statements.
 
-Pure: PIL and numpy, no files, no torch. Questions, conversations, datasets on disk and the CLI are in `world.py`.
+Pure: PIL and numpy, no files, no torch. Words read back (the exact scorer) are in `scoring.py`; questions,
+conversations, datasets on disk and the CLI in `tasks.py`.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 # Saturated colours far apart in RGB, so that no two are confused and none is near the grey backgrounds.
@@ -301,96 +301,3 @@ def statement(rng: random.Random, pair: tuple[Scene, Scene], template: str, want
         "background": (f"Both images have a {kind} background.", all(p.background.kind == kind for p in pair)),
     }[template]
     return sentence if true == want else None
-
-
-# Truth and the exact scorer: read what an answer claims, compare it with what is true.
-
-
-@dataclass(frozen=True)
-class Truth:
-    """What one answer must claim; `score` reads it per kind. `world.py` makes these with its questions."""
-
-    kind: str  # which, most, odd, bison | count, total | color, shape, share | caption | nlvr2
-    answer: str  # the canonical answer: it always scores as correct
-    images: tuple[str, ...] = ()  # which/most/odd/bison: the one label to name; others: the labels it may name
-    count: int | None = None  # count, total; most: the winner's count
-    words: tuple[str, ...] = ()  # color/shape/share: the word(s) to name; caption: one caption per image
-    value: bool | None = None  # nlvr2
-
-
-def truth_from_dict(data: Mapping[str, Any]) -> Truth:
-    """The inverse of `dataclasses.asdict`, for truths read back from JSON."""
-    return Truth(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
-                    if k in Truth.__dataclass_fields__})
-
-
-class Score(NamedTuple):
-    correct: bool
-    expected: str
-    found: str | None  # what the answer claims, as the scorer read it; None when it claims nothing
-    kind: str
-
-
-_IMAGE = re.compile(r"image\s*#\s*(\w+)", re.I)  # "IMAGE#2", "image #2"; \w+ keeps IMAGE#12 apart from IMAGE#1
-_NUMBER_WORDS = {w: n for n, w in enumerate(NUMBERS)} | {"none": 0, "zero": 0}
-_WORDS = {"number": re.compile(r"\b(\d+|" + "|".join(_NUMBER_WORDS) + r")\b"),
-          "color": re.compile(r"\b(" + "|".join(COLORS) + r")\b"),
-          "shape": re.compile(r"\b(" + "|".join(SHAPES) + r")(?:e?s)?\b"),  # plurals read as the singular
-          "value": re.compile(r"\b(true|false)\b")}
-
-
-def read_claims(answer: str) -> dict[str, set]:
-    """What an answer names: {"image": labels k of IMAGE#k, "number": ints, "color", "shape", "value": words}.
-
-    Numbers are digits or words outside image names; "no", "none" and "zero" are 0; "a" is not a number.
-    """
-    text = answer.lower()
-    rest = _IMAGE.sub(" ", text)
-    claims = {name: set(pattern.findall(rest)) for name, pattern in _WORDS.items()}
-    claims["number"] = {int(w) if w.isdigit() else _NUMBER_WORDS[w] for w in claims["number"]}
-    return claims | {"image": {m.group(1) for m in _IMAGE.finditer(text)}}
-
-
-def score(truth: Truth, answer: str) -> Score:
-    """Check what `answer` claims against `truth`; case, punctuation and extra words do not matter.
-
-    Images are named IMAGE#k or "image #k" (IMAGE#12 is not IMAGE#1). Negation is not understood: "not IMAGE#2"
-    names IMAGE#2. Per kind:
-    - which, most, odd, bison: exactly the right image is named (two images, or none, is wrong); a count given
-      with "most" must be right.
-    - count, total: exactly one number, the right one, and no image beyond those asked about.
-    - color, shape, share: exactly the right colour (or shape) words, and no image beyond those asked about.
-    - caption: every image's canonical caption appears in the answer.
-    - nlvr2: exactly one of true/false. A bison or nlvr2 answer containing "therefore" is read as the original
-      extractor reads it (spec §9.7), and one it cannot read is wrong.
-    """
-    kind, claims, text = truth.kind, read_claims(answer), " ".join(answer.lower().split())
-    if kind in ("bison", "nlvr2") and "therefore" in text:
-        from ..eval.tasks.common import extract_option  # the original's extractor, kept with the BISON/NLVR2 tasks
-
-        options = ("image#1", "image#2") if kind == "bison" else ("true", "false")
-        expected = options[0] if (truth.images[0] == "1" if kind == "bison" else truth.value) else options[1]
-        found = extract_option(text, options)
-        return Score(found == expected, expected, found, kind)
-    inside = claims["image"] <= set(truth.images)
-    if kind in ("which", "most", "odd", "bison"):
-        ok = claims["image"] == {truth.images[0]} and (kind != "most" or claims["number"] <= {truth.count})
-        return Score(ok, f"IMAGE#{truth.images[0]}", _listed(f"IMAGE#{x}" for x in claims["image"]), kind)
-    if kind in ("count", "total"):
-        return Score(claims["number"] == {truth.count} and inside, str(truth.count),
-                     _listed(map(str, claims["number"])), kind)
-    if kind in ("color", "shape", "share"):
-        words = claims["color" if truth.words[0] in COLORS else "shape"]
-        return Score(words == set(truth.words) and inside, truth.words[0], _listed(words), kind)
-    if kind == "nlvr2":
-        expected = str(truth.value).lower()
-        return Score(claims["value"] == {expected}, expected, _listed(claims["value"]), kind)
-    if kind == "caption":
-        found = [c for c in truth.words if c in text]
-        return Score(len(found) == len(truth.words), " | ".join(truth.words), " | ".join(found) or None, kind)
-    raise InputError(f"unknown truth kind {kind!r}; expected which, most, odd, bison, count, total, color, shape, "
-                     "share, caption or nlvr2")
-
-
-def _listed(claims) -> str | None:
-    return ", ".join(sorted(claims)) or None

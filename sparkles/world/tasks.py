@@ -2,7 +2,7 @@
 `Item` (a `Conversation` and the `Truth` of every turn) drawn from a seed; datasets on disk in the original
 schemas (spec §7.1, §7.4-§7.6); and `sparkles world generate`.
 
-Scenes, their words and the exact scorer (`score`, re-exported here) are in `shapes.py`. Pure except `generate`.
+Scenes and their words are in `shapes.py`; the scorer (`score`, re-exported here) in `scoring.py`. Pure but `generate`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from ..conversation import SLOT, Conversation, Image, Message, user_message
 from ..errors import ConfigError
 from ..formats import to_sparkles_dialogue
 from . import shapes
-from .shapes import Scene, SceneConfig, Score, Truth, caption, count, noun, number_word, score, with_article
+from .scoring import Score, Truth, score
+from .shapes import Scene, SceneConfig, caption, count, noun, number_word, with_article
 
 __all__ = ["Item", "Score", "Truth", "WorldConfig", "generate", "make_eval_set", "score"]
 FORMS = ("short", "original")  # BISON/NLVR2: our one-sentence training form, or the spec §9.6 prompt
@@ -282,9 +283,9 @@ MAKERS = {"caption": make_caption, "dialogue": make_dialogue, "bison": make_biso
 
 
 def make_eval_set(n: int, seed: int = 0, config: WorldConfig = WorldConfig()) -> list[Item]:
-    """n BISON-style, n NLVR2-style and n two-turn dialogue items: those `generate` writes for `seed`."""
-    return [MAKERS[kind](_rng(seed, name, i), replace(config, turns=2), item_id=f"{kind}-{seed}-{i}")
-            for kind, name in (("bison", "BISON"), ("nlvr2", "NLVR2"), ("dialogue", "SparklesEval"))
+    """n each of bison, nlvr2, 2-turn dialogue and 1-image caption items, as `generate` writes them; per-kind seeds."""
+    return [MAKERS[kind](_rng(seed, name, i), replace(config, turns=2), item_id=f"{kind}-{seed}-{i}") for kind, name
+            in (("bison", "BISON"), ("nlvr2", "NLVR2"), ("dialogue", "SparklesEval"), ("caption", "captions"))
             for i in range(n)]
 
 
