@@ -1,7 +1,7 @@
 """Sparkles: chat with vision-language models across many images and many turns, and build such models.
 
 The names here are the public API. Importing `sparkles` imports no torch; `sparkles.load` and `sparkles.Chat`
-pull it in on first use.
+pull it in on first use, and so does `sparkles.ChatSession`.
 """
 
 from .conversation import Conversation, Image, Message, Text, user_message
@@ -9,7 +9,7 @@ from .errors import CheckpointError, ConfigError, ContextLengthError, ImageLoadE
 
 __version__ = "0.1.0"
 
-__all__ = ["Chat", "CheckpointError", "ConfigError", "ContextLengthError", "Conversation", "Image",
+__all__ = ["Chat", "ChatSession", "CheckpointError", "ConfigError", "ContextLengthError", "Conversation", "Image",
            "ImageLoadError", "InputError", "Message", "SparklesError", "Text", "load", "user_message"]
 
 
@@ -25,4 +25,8 @@ def __getattr__(name):
         from .generate import Chat
 
         return Chat
+    if name == "ChatSession":
+        from .session import ChatSession
+
+        return ChatSession
     raise AttributeError(name)

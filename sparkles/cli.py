@@ -24,6 +24,7 @@ FEATURE_COMMANDS = {
     "synth": ("synth.cli", "generate SparklesDialogue-style dialogues with a teacher LLM"),
     "serve": ("serve.server", "an OpenAI-compatible HTTP server"),
     "web": ("serve.webui", "a web UI for multi-image chat"),
+    "export": ("model.export", "write a checkpoint in the HF LLaVA layout (transformers, vLLM, SGLang)"),
 }
 
 
@@ -149,16 +150,22 @@ def _run_chat(args) -> int:
 
 REPL_HELP = """Type a message and press Enter. Place images with <image> or name them IMAGE#k.
   /image PATH   add an image; it becomes the next IMAGE#k
+  /undo         forget the last question and its answer
+  /retry        answer the last question again
   /reset        forget the conversation and its images
   /quit         leave (or Ctrl-D)"""
 
 
 def _repl(chat, images, sampling, *, allow_http: bool) -> int:
-    """A multi-turn chat on stdin/stdout; a bad line prints an error and the chat goes on."""
-    from .conversation import Conversation, Message, Text, user_message
-    from .image import image_part
+    """A multi-turn chat on stdin/stdout; a bad line prints an error and the chat goes on.
 
-    conversation, pending, known = Conversation(), list(images), []
+    A `ChatSession` holds the conversation: each image is encoded once and each turn prefills only its own tokens.
+    """
+    from .conversation import Image
+    from .image import image_part
+    from .session import ChatSession
+
+    session, pending = ChatSession(chat.model, chat.processor), list(images)
     print(REPL_HELP)
     for i, image in enumerate(pending):
         print(f"IMAGE#{i + 1}: {image.source}")
@@ -172,30 +179,44 @@ def _repl(chat, images, sampling, *, allow_http: bool) -> int:
             if line in ("/quit", "/exit"):
                 return 0
             if line == "/reset":
-                conversation, pending, known = Conversation(), [], []
+                session.reset()
+                pending = []
                 print("(conversation and images cleared)")
+            elif line == "/undo":
+                forgotten = session.undo()
+                print("(forgot: " + "".join(p.name if isinstance(p, Image) else p.text for p in forgotten.parts) + ")")
+                pending = [*forgotten.images, *pending]  # its images wait for the next message, under the same names
+            elif line == "/retry":
+                _print_stream(session.regenerate(sampling))
             elif line.startswith("/image"):
                 path = line[len("/image"):].strip()
                 if not path:
                     raise _usage("/image needs a path: /image photos/a.jpg")
                 pending.append(image_part(path, allow_http=allow_http))
-                print(f"IMAGE#{len(known) + len(pending)}: {path}")
+                print(f"IMAGE#{len(session.labels) + len(pending)}: {path}")
             elif line.startswith("/"):
-                raise _usage(f"unknown command {line.split()[0]}; commands: /image PATH, /reset, /quit")
+                raise _usage(f"unknown command {line.split()[0]}; commands: /image PATH, /undo, /retry, /reset, "
+                             "/quit")
             elif line:
-                message = user_message(line, pending, known=known)
-                asked = conversation.append(message)
-                pieces = []
-                for delta in chat.stream(asked, sampling):
-                    delta = delta if pieces else delta.lstrip()
-                    pieces.append(delta)
-                    print(delta, end="", flush=True)
-                print()
-                conversation = asked.append(Message("assistant", (Text("".join(pieces).strip()),)))
-                known += [i.label for i in message.images]
+                stream = session.stream(line, pending, sampling)  # a bad message raises here, keeping the images
                 pending = []
+                _print_stream(stream)
         except SparklesError as e:
             print(f"error: {e}", file=sys.stderr)
+
+
+def _print_stream(stream) -> None:
+    """Print an answer as it comes; Ctrl-C stops it (what was said so far stays in the session) and the chat goes on."""
+    started = False
+    try:
+        for delta in stream:
+            delta = delta if started else delta.lstrip()
+            started = started or bool(delta)
+            print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        stream.close()
+        print(" (stopped)", end="")
+    print()
 
 
 def _usage(message: str) -> SparklesError:

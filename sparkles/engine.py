@@ -1,8 +1,8 @@
 """The batching scheduler: one background thread runs the generation of every request, many rows at a time.
 
 Continuous batching: waiting requests join the running batch between decode steps (their prompts are prefilled
-together, left-padded, and their KV caches padded into the batch's), and finished or cancelled rows leave it at
-once. Each request streams its own text deltas through its own queue. No HTTP here: `serve.py` is the edge.
+together, left-padded, or alone on a cached prefix (prefix.py); their KV caches padded into the batch's), and rows
+leave it once finished or cancelled. Each request streams through its own queue. No HTTP here: see `serve.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import torch
 from .config import SamplingParams
 from .errors import ConfigError, ContextLengthError
 from .generate import Chat, sample
+from .prefix import PrefixCache, image_keys
+from .prefix import pad_left as _pad
+from .prefix import plain_layer as _plain
 from .processor import Encoded, TextStream
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_batch: int = 8  # rows decoded together; 1 serves one request at a time
     max_queue: int = 64  # requests waiting to join; past this `submit` refuses (HTTP 429)
+    prefix_cache_mb: float = 0  # KV of prompts kept to resume later ones that start alike (prefix.py); 0 = off
 
 
 class QueueFullError(RuntimeError):
@@ -109,6 +113,7 @@ class _Row:
     seen: torch.Tensor  # (1, S) text ids so far, for the repetition penalty
     generator: torch.Generator | None
     budget: int  # tokens it may still generate, all told
+    keys: list = ()  # (start, content hash) of its images: the prefix cache's key with its ids
     produced: int = 0
     started: bool = False  # whether non-blank text has been sent (the answer's leading blanks are dropped)
     finish: str | None = None
@@ -133,6 +138,7 @@ class Engine:
         self._cache, self._mask, self._last = None, None, None  # the batch: KV cache, (B, L) mask, (B,) next input
         self._joinable = True  # False once a cache turns out not to be left-paddable (sliding windows)
         self.counts = collections.Counter()
+        self.prefix = PrefixCache(int(config.prefix_cache_mb * 2**20), processor.config.tokens_per_image)  # thread's
         self._thread = threading.Thread(target=self._run, name="sparkles-engine", daemon=True)
         self._thread.start()
 
@@ -191,7 +197,8 @@ class Engine:
         return self._thread.is_alive()
 
     def stats(self) -> dict:
-        return {"running": len(self._rows), "waiting": len(self._waiting), **self.counts}
+        return {"running": len(self._rows), "waiting": len(self._waiting), **self.counts,
+                "prefix_cache": self.prefix.stats()}
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread after its current step; requests still in flight end with an error event."""
@@ -245,28 +252,37 @@ class Engine:
             return joining
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Prefill new prompts as one left-padded batch, sample their first tokens, then merge them in."""
+        """Prefill new prompts, sample their first tokens, then merge them in: those the prefix cache has a start of
+        one by one on top of it, the others as one left-padded batch."""
         from transformers import DynamicCache
 
-        prompts = [self.chat.embed(r.encoded) for r in requests]  # [(1, T, D), (1, S)]
-        width = max(e.shape[1] for e, _ in prompts)
-        embeds = torch.cat([_pad(e, width, dim=1) for e, _ in prompts])  # (B, T, D)
-        mask = torch.cat([_pad(torch.ones(1, e.shape[1], dtype=torch.long, device=e.device), width, dim=1)
-                          for e, _ in prompts])  # (B, T)
-        cache = DynamicCache()
-        logits = self._forward(embeds, mask, cache)
-        rows = [self._row(r, ids) for r, (_, ids) in zip(requests, prompts)]
-        tokens = self._sample(rows, logits)
-        self._merge(rows, cache, mask, tokens)
+        keys = [image_keys(r.encoded) if self.prefix.capacity else [] for r in requests]
+        found = [self.prefix.lookup(r.encoded.rendered.input_ids, k) for r, k in zip(requests, keys)]
+        fresh = [(r, k) for r, k, (n, _) in zip(requests, keys, found) if not n]
+        groups = [([(r, k)], n, hit) for r, k, (n, hit) in zip(requests, keys, found) if n]
+        for group, start, hit in groups + ([(fresh, 0, None)] if fresh else []):
+            prompts = [self.chat.embed(r.encoded, start) for r, _ in group]  # [(1, T, D), (1, S)]
+            width = max(e.shape[1] for e, _ in prompts)
+            embeds = torch.cat([_pad(e, width, dim=1) for e, _ in prompts])  # (B, T, D)
+            mask = torch.cat([_pad(torch.ones(1, start + e.shape[1], dtype=torch.long, device=e.device),
+                                   start + width, dim=1) for e, _ in prompts])  # (B, start + T)
+            # A copy of the entry's first `start` positions: entries are never written.
+            cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None)
+            logits = self._forward(embeds, mask, cache)
+            if all(_plain(layer) for layer in cache.layers):  # a sliding window forgets the start: nothing to keep
+                self.prefix.store_rows([(i, r.encoded.rendered.input_ids, k) for i, (r, k) in enumerate(group)],
+                                       cache.layers)
+            rows = [self._row(r, ids, k) for (r, k), (_, ids) in zip(group, prompts)]
+            self._merge(rows, cache, mask, self._sample(rows, logits))
         self._drop_finished()
 
-    def _row(self, request: Request, text_ids: torch.Tensor) -> _Row:
+    def _row(self, request: Request, text_ids: torch.Tensor, keys: list) -> _Row:
         params = request.params
         generator = None
         if params.seed is not None:  # a per-request generator: the same seed gives the same answer in any batch
             generator = torch.Generator(device=text_ids.device).manual_seed(params.seed)
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
-        return _Row(request, stream, text_ids, generator, params.max_new_tokens)
+        return _Row(request, stream, text_ids, generator, params.max_new_tokens, keys)
 
     def _decode(self) -> None:
         """One step for every row: feed each row's last token, sample its next one."""
@@ -357,6 +373,10 @@ class Engine:
         keep = [i for i, row in enumerate(self._rows) if row.finish is None]
         if len(keep) == len(self._rows):
             return
+        if self._joinable:  # an answered prompt is the start of its conversation's next request: keep it whole
+            self.prefix.store_rows([(i, r.request.encoded.rendered.input_ids + r.seen[0, -r.produced:-1].tolist(),
+                                     r.keys) for i, r in enumerate(self._rows) if r.finish in ("stop", "length")
+                                    and r.produced > 1], self._cache.layers)
         if not keep:
             return self._reset()
         index = torch.tensor(keep, device=self._mask.device)
@@ -370,19 +390,3 @@ class Engine:
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._last = [], None, None, None
-
-
-def _plain(layer) -> bool:
-    from transformers.cache_utils import DynamicLayer
-
-    return type(layer) is DynamicLayer
-
-
-def _pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Zeros before the entries of `dim` up to `width` (left padding): (B, H, L, d) KV tensors by default."""
-    missing = width - x.shape[dim]
-    if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)

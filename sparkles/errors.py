@@ -27,3 +27,8 @@ class ContextLengthError(InputError):
 
 class CheckpointError(SparklesError):
     """A checkpoint folder or file that is missing parts, or whose keys or shapes do not fit the model."""
+
+
+class TrainingDiverged(SparklesError):
+    """The loss or gradients were NaN/inf for `max_nonfinite` steps in a row, or the weights to save hold NaN/inf:
+    lower the learning rate, clip, or change the precision."""

@@ -23,7 +23,38 @@ class KVCache:
 
     past: object = None  # a transformers Cache, created on first use
     length: int = 0
-    token_ids: list[int] = field(default_factory=list)  # what the cached positions hold (image tokens included)
+    # What a one-row cache's positions hold (image tokens included); batches leave it empty.
+    token_ids: list[int] = field(default_factory=list)
+    # (B, length) which cached positions are real: a cache kept from a left-padded batch must not attend to its
+    # padding in later calls. None means every position is real.
+    mask: torch.Tensor | None = None
+
+    @property
+    def croppable(self) -> bool:
+        """Whether positions can be cut from the end: not with sliding-window layers, which forget the start."""
+        from transformers.cache_utils import DynamicLayer
+
+        return self.past is None or all(type(layer) is DynamicLayer for layer in self.past.layers)
+
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on: undo a turn, or keep only a shared prefix."""
+        assert 0 <= length <= self.length, f"cannot crop a cache of {self.length} positions to {length}"
+        if length == 0:
+            self.past = None  # a fresh start, whatever kind of layers the model made
+        if self.past is not None:
+            # Layer by layer, not `Cache.crop`: after a forward that failed half-way the layers differ in length.
+            for layer in self.past.layers:
+                if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > length:
+                    layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        self.length = length
+        self.token_ids = self.token_ids[:length]
+        self.mask = None if self.mask is None else self.mask[:, :length]
+
+    def attended(self, batch: int, device) -> torch.Tensor:
+        """(B, length) mask of the cached positions."""
+        if self.mask is not None:
+            return self.mask.to(device)
+        return torch.ones(batch, self.length, dtype=torch.long, device=device)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
@@ -52,12 +83,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 @torch.inference_mode()
 def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask: torch.Tensor | None = None,
              stop_ids: tuple[int, ...] = (), suppress_ids: tuple[int, ...] = (), cache: KVCache | None = None,
-             seen: torch.Tensor | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+             seen: torch.Tensor | None = None, use_cache: bool = True,
+             input_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield (B,) next-token ids until every row has hit a stop id or `max_new_tokens` are out.
 
     `embeds` (B, T, D) are the new positions, after whatever `cache` holds; rows are left-padded with
     `attention_mask` (B, T). Finished rows keep yielding their stop id. With `use_cache=False` every step re-runs
-    the whole sequence: slow, and kept as the reference the cached path is tested against.
+    the whole sequence: slow, and kept as the reference the cached path is tested against. `input_ids` (1, T),
+    the ids behind `embeds`, are recorded in `cache.token_ids` with every token fed back, so that a session knows
+    what its cache holds. The last token yielded is not fed, so the cache never holds it.
     """
     from transformers import DynamicCache
 
@@ -66,9 +100,9 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         cache.past = DynamicCache()
     batch, new = embeds.shape[:2]
     device = embeds.device
-    mask = torch.ones(batch, cache.length + new, dtype=torch.long, device=device)
-    if attention_mask is not None:
-        mask[:, cache.length:] = attention_mask
+    fresh = attention_mask if attention_mask is not None else torch.ones(batch, new, dtype=torch.long, device=device)
+    mask = torch.cat([cache.attended(batch, device), fresh.to(device, torch.long)], dim=1)  # (B, L + T)
+    record = input_ids is not None and batch == 1  # token ids are kept for one-row caches only
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -80,8 +114,11 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if use_cache:
             out = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1]:],
-                     past_key_values=cache.past, use_cache=True)
+                     past_key_values=cache.past, use_cache=True, logits_to_keep=1)
             cache.length += inputs.shape[1]
+            cache.mask = mask if (cache.mask is not None or attention_mask is not None) else None
+            if record:
+                cache.token_ids += input_ids[0].tolist()
         else:
             out = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False)
         logits = out.logits[:, -1]  # (B, V)
@@ -95,9 +132,25 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         if bool(done.all()):
             return
         seen = torch.cat([seen, token[:, None]], dim=1)
-        inputs = table(token[:, None])  # (B, 1, D)
-        history = torch.cat([history, inputs], dim=1)
+        input_ids = token[:, None]
+        inputs = table(input_ids)  # (B, 1, D)
+        history = inputs if use_cache else torch.cat([history, inputs], dim=1)  # only the reference path re-reads it
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+
+
+def deltas(tokens: Iterator[torch.Tensor], stream: TextStream, stop_ids: tuple[int, ...]) -> Iterator[str]:
+    """Text deltas of one row's (1,) tokens until a stop id or stop string; `stream.text` is the answer so far."""
+    for token in tokens:
+        if int(token[0]) in stop_ids:
+            break
+        delta = stream.push(int(token[0]))
+        if delta:
+            yield delta
+        if stream.stopped:
+            return
+    tail = stream.finish()
+    if tail:
+        yield tail
 
 
 def nn_pad_left(x: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
@@ -121,18 +174,9 @@ class Chat:
         room = self.processor.config.max_seq_len - embeds.shape[1]
         budget = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room)})
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
-        for token in generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids,
-                              suppress_ids=(self.model.image_token_id,), seen=text_ids):
-            if int(token[0]) in self.processor.stop_ids:
-                break
-            delta = stream.push(int(token[0]))
-            if delta:
-                yield delta
-            if stream.stopped:
-                return
-        tail = stream.finish()
-        if tail:
-            yield tail
+        yield from deltas(generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids,
+                                   suppress_ids=(self.model.image_token_id,), seen=text_ids),
+                          stream, self.processor.stop_ids)
 
     def answer(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> str:
         return "".join(self.stream(conversation, params)).strip()
@@ -173,11 +217,16 @@ class Chat:
             raise ContextLengthError(f"no room left to answer: the prompt fills all {len(encoded.rendered)} positions")
         return self.embed(encoded)
 
-    def embed(self, encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (1, T, D) of an encoded prompt, and its text ids (1, S): what a scheduler batches."""
+    def embed(self, encoded, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (1, T - start, D) of an encoded prompt past its first `start` positions (a cached prefix: only
+        later images are encoded), and all its text ids (1, S) for the repetition penalty: what a scheduler batches."""
         ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
-        embeds = self.model.embed(ids, self._encode_images(encoded))
-        return embeds, ids[ids != self.model.image_token_id][None]
+        text = ids[ids != self.model.image_token_id][None]
+        if not start:
+            return self.model.embed(ids, self._encode_images(encoded)), text
+        later = [i for i, s in enumerate(encoded.rendered.image_starts) if s >= start]
+        images = self.model.encode_images(encoded.pixel_values[later]) if later else None  # (N', K, D)
+        return self.model.embed(ids[:, start:], images), text
 
     def reply(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Conversation:
         """The conversation with the model's answer appended as an assistant message."""

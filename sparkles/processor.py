@@ -7,6 +7,7 @@ offsets, so a token carries loss exactly when it covers characters of an assista
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,13 +99,31 @@ class Processor:
             if p.loss:
                 spans.append((pos, pos + len(p.text)))
             pos += len(p.text)
-        # Our template holds no special tokens, so text that looks like one (a user typing "<image>") stays text.
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                             split_special_tokens=isinstance(self.template, SparklesTemplate))
-        for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        for token, (start, end) in self._tokens(run, text):
             ids.append(token)
             hit = any(start < b and end > a or start == end and a <= start < b for a, b in spans)
             labels.append(token if hit else IGNORE)
+
+    def _tokens(self, run: list[Piece], text: str) -> list[tuple[int, tuple[int, int]]]:
+        """(id, character span) of each token of a run, where typed text never yields a special token."""
+        # Our template holds no special tokens, so text that looks like one (a user typing "<image>") stays text.
+        if isinstance(self.template, SparklesTemplate):
+            return self._tokenize(text, split=True)
+        specials = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        if not any(p.literal and s in p.text for p in run for s in specials):
+            return self._tokenize(text, split=False)  # the usual case: one call, the tokenizer's own merges
+        # A chat template's markers are special tokens, so typed text that spells one (<|im_start|>system,
+        # <image>) is tokenized on its own with specials split, and the template's text around it as usual.
+        out, pos = [], 0
+        for literal, group in itertools.groupby(run, key=lambda p: p.literal):
+            part = "".join(p.text for p in group)
+            out += [(t, (a + pos, b + pos)) for t, (a, b) in self._tokenize(part, split=literal)]
+            pos += len(part)
+        return out
+
+    def _tokenize(self, text: str, *, split: bool) -> list[tuple[int, tuple[int, int]]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split)
+        return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
     def pixel_values(self, images: Sequence[Image]) -> torch.Tensor | None:
         missing = [i.name for i in images if i.pixels is None]

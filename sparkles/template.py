@@ -1,7 +1,8 @@
 """Conversation templates: how messages become text, before any tokenization.
 
 A template turns a conversation into `Piece`s: runs of text (each marked as carrying loss or not), image slots, and
-breaks where tokenization must restart so that a longer conversation renders as a shorter one plus a suffix. Two
+breaks where tokenization must restart so that a longer conversation renders as a shorter one plus a suffix (the
+SparklesChat template restarts only at images, as the original does). Two
 templates: SparklesChat's ``###Human:`` / ``###Assistant:`` form (spec §4.1, exact strings), and the tokenizer's
 own chat template for modern chat LMs. Tokenization and labels live in `processor.py`.
 """
@@ -18,7 +19,8 @@ LossOn = Literal["all", "last", "none"]
 
 # Private-use characters mark images and assistant spans inside a chat-template string; user text never keeps them.
 _IMG, _BEGIN, _QUIET, _END = "\ue000", "\ue001", "\ue002", "\ue003"
-_RESERVED = str.maketrans("", "", _IMG + _BEGIN + _QUIET + _END)
+_OPEN, _CLOSE = "\ue004", "\ue005"  # around user text in a chat-template string: text typed, not template
+_RESERVED = str.maketrans("", "", _IMG + _BEGIN + _QUIET + _END + _OPEN + _CLOSE)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Piece:
     loss: bool = False  # do these characters' tokens carry loss?
     slot: int | None = None  # an image slot: the index of the image part, in slot order
     brk: bool = False  # tokenization restarts here
+    literal: bool = False  # typed text (a message's words): special-token strings in it stay text, never markers
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,15 @@ class SparklesTemplate:
     def render(self, conversation: Conversation, *, generation: bool, loss_on: LossOn = "all") -> list[Piece]:
         messages, system = _split_system(conversation, self.system)
         last = _last_assistant(messages)
-        pieces = [Piece(system + "###")] if system else []
+        # Without a system prompt the text still opens with "###": the original trains on "<s>###Human: …" (spec
+        # §4.2), so a model trained without one must be prompted the same way.
+        pieces = [Piece(system + "###")]
         slot = 0
         for i, message in enumerate(messages):
             if message.role == "user":
-                pieces.append(Piece("Human: ", brk=bool(pieces)))
+                # No tokenization break here: the original tokenizes all text between two images in one call (spec
+                # §3.7, §4.4). A SentencePiece tokenizer restarting at "Human" would write "▁Human", not "Human".
+                pieces.append(Piece("Human: "))
                 slot = _user_parts(pieces, message, slot, self.image_prefix, self.image_suffix)
                 pieces.append(Piece("###"))
             else:
@@ -82,7 +89,8 @@ class ChatTemplate:
         plain = [{"role": "system", "content": system}] if system else []
         for i, message in enumerate(messages):
             if message.role == "user":
-                content = "".join(_IMG if isinstance(p, Image) else p.text.translate(_RESERVED) for p in message.parts)
+                content = "".join(_IMG if isinstance(p, Image) else _OPEN + p.text.translate(_RESERVED) + _CLOSE
+                                  for p in message.parts)
             else:  # marked even without loss: the turn's end is where tokenization restarts
                 content = (_BEGIN if _supervised(i, last, loss_on) else _QUIET) + _text(message) + _END
             plain.append({"role": message.role, "content": content})
@@ -129,12 +137,12 @@ def _pieces_from_marked(text: str, turn_end: str, prefix: str, suffix: str, conv
     """Cut a rendered chat-template string at its markers; an answer's loss runs on over the turn-end token."""
     pieces: list[Piece] = []
     slots = iter(conversation.slots)
-    slot, loss, brk, buf = 0, False, False, []
+    slot, loss, brk, literal, buf = 0, False, False, False, []
 
     def flush():
         nonlocal brk
         if buf:
-            pieces.append(Piece("".join(buf), loss=loss, brk=brk))
+            pieces.append(Piece("".join(buf), loss=loss, brk=brk, literal=literal))
             buf.clear()
             brk = False
 
@@ -148,11 +156,15 @@ def _pieces_from_marked(text: str, turn_end: str, prefix: str, suffix: str, conv
             pieces.append(Piece(slot=slot))
             slot += 1
             buf.append(suffix)
+        elif ch in (_OPEN, _CLOSE):
+            flush()
+            literal = ch == _OPEN
         elif ch in (_BEGIN, _QUIET):
             flush()
-            loss = ch == _BEGIN
+            loss, literal = ch == _BEGIN, True
         elif ch == _END:
             flush()
+            literal = False
             if turn_end and text.startswith(turn_end, i + 1):
                 pieces.append(Piece(turn_end, loss=loss))
                 i += len(turn_end)

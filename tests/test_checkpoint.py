@@ -1,6 +1,7 @@
 """Checkpoint folders and the original's `.pth` import, on scaled-down configs with the real key names."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,47 @@ def test_resaving_replaces_the_folder_and_leaves_no_temporaries(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
+def test_resaving_swaps_in_one_step_so_the_folder_never_goes_missing(tiny, tmp_path, monkeypatch):
+    from sparkles.model import checkpoint
+
+    model, processor = tiny
+    save_checkpoint(model, processor, tmp_path / "ck")
+    seen = []
+
+    def rename(self, target):  # with the exchange, the checkpoint is never renamed away
+        seen.append((self.name, Path(target).name))
+        return Path.replace(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    save_checkpoint(model, processor, tmp_path / "ck")
+    if checkpoint._exchange(tmp_path / "ck", tmp_path / "ck"):  # this system swaps folders atomically
+        assert seen == []
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_a_save_killed_between_its_renames_is_recovered(tiny, tmp_path, monkeypatch):
+    from sparkles.model import checkpoint
+
+    model, processor = tiny
+    save_checkpoint(model, processor, tmp_path / "ck")
+    before = logits_for(*load_checkpoint(tmp_path / "ck"))
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # a system without renameat2
+    real = Path.rename
+
+    def dies_after_moving_aside(self, target):
+        real(self, target)
+        if Path(target).name == ".ck.old":
+            raise KeyboardInterrupt  # the kill, between the two renames
+
+    monkeypatch.setattr(Path, "rename", dies_after_moving_aside)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, processor, tmp_path / "ck")
+    monkeypatch.setattr(Path, "rename", real)
+    assert not (tmp_path / "ck").exists()
+    assert torch.equal(logits_for(*load_checkpoint(tmp_path / "ck")), before)  # the old one, moved back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
 def test_loading_bad_folders_says_what_is_wrong(tmp_path):
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_checkpoint(tmp_path)
@@ -143,3 +185,32 @@ def test_sparkleschat_composes_from_pth_blip2_and_vicuna_folders(tmp_path):
     text = processor.tokenizer.decode(processor.render(conversation, generation=True).input_ids)
     assert text.startswith("<s>Give the following image: <Img>ImageContent</Img>.")
     assert text.endswith("</Img>.###Assistant:")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_lm_loads_straight_in_the_target_dtype(tmp_path, monkeypatch, dtype):
+    """No fp32 detour: transformers is asked for the dtype itself, and what comes back is already in it."""
+    from transformers import AutoModelForCausalLM
+
+    clip, llama = hf_parts(tmp_path)
+    config = tiny_config(vision=VisionConfig(kind="hf", path=clip, image_size=32),
+                         language=LanguageConfig(kind="hf", path=llama), connector="mlp", tokens_per_image=16)
+    model, processor = build_model(config)
+    save_checkpoint(model, processor, tmp_path / "adapter", trainable_only=True)
+    real, asked = AutoModelForCausalLM.from_pretrained, []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs)
+        lm = real(*args, **kwargs)
+        asked.append({p.dtype for p in lm.parameters()})  # as transformers made it, before any cast of ours
+        return lm
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    loaded, _ = load_checkpoint(tmp_path / "adapter", dtype=dtype)
+    assert asked == [{"dtype": dtype}, {dtype}]
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    # A full checkpoint builds its LM from the config in the dtype too, then reads the weights into it.
+    save_checkpoint(model, processor, tmp_path / "full")
+    full, _ = load_checkpoint(tmp_path / "full", dtype=dtype)
+    assert {p.dtype for p in full.lm.parameters()} == {dtype}
+    assert torch.allclose(full.lm.lm_head.weight.float(), model.lm.lm_head.weight.to(dtype).float())

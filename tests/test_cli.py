@@ -89,6 +89,18 @@ def test_repl_adds_images_mid_dialogue_and_survives_bad_lines(photos, monkeypatc
     assert next(lines) == "never read"
 
 
+def test_repl_undoes_and_retries_turns(photos, monkeypatch, capsys):
+    lines = iter([f"/image {photos[0]}", "What is in IMAGE#1?", "/retry", "/undo", "/undo", "/retry",
+                  "IMAGE#1 again?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "(forgot: What is in IMAGE#1?)" in out
+    assert err.count("error: there is no finished turn to undo") == 2
+    # The undone turn's image waits for the next message, still IMAGE#1.
+    assert "error: IMAGE#1 is not an image" not in err and out.count("IMAGE#1") >= 4
+
+
 def test_repl_ends_on_end_of_input(monkeypatch):
     def eof(prompt=""):
         raise EOFError

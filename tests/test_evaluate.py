@@ -60,7 +60,10 @@ def test_bison_scores_and_writes_the_original_result_file(tmp_path):
     assert summary["by_images"] == {"2": {"n": 4, "accuracy": 0.5}} and len(summary["ci95"]) == 2
     legacy = json.loads((tmp_path / "run" / "BISON_scripted_acc0.500.json").read_text())
     assert [r["evaluation_id"] for r in legacy] == [0, 1, 2, 3]
-    assert legacy[3]["predict"] is None and legacy[0]["predict"] == "image#1" and legacy[1]["label"] == "IMAGE#2"
+    # The original's code calls predict.lower(): an unreadable answer is a word that no label equals, not null.
+    assert legacy[3]["predict"] == "unreadable" and legacy[0]["predict"] == "image#1"
+    assert legacy[1]["label"] == "IMAGE#2"
+    assert results[3]["prediction"] is None
     assert (tmp_path / "run" / "BISON_scripted_acc0.500.json").read_text().startswith('[\n    {\n        "label"')
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Item 3" in page and "predicted no option (unparsable answer)" in page
@@ -193,7 +196,11 @@ def test_sparkleseval_against_a_local_judge(tmp_path):
     legacy = json.loads((tmp_path / "run" / "SparklesEval_scripted.json").read_text())
     assert legacy[0]["judge-x"]["A1_C123_scores"] == [9.0, 9.0, 8.0, 10.0]
     assert legacy[0]["dialogue"][1]["content"] == "Turn one about item 0." and legacy[0]["evaluation_id"] == "0"
-    assert legacy[3]["judge-x"]["A1_C123_scores"] is None and "can't see" in legacy[3]["judge-x"]["response"]
+    # The failed judgment is left out of the original's file (its code reads four numbers from each) and listed
+    # beside it; our results.jsonl keeps it with every raw reply (asserted above).
+    assert len(legacy) == 3
+    left = json.loads((tmp_path / "run" / "SparklesEval_scripted.left_out.json").read_text())
+    assert [x["id"] for x in left["left_out"]] == ["3"] and "no reply parsed" in left["left_out"][0]["error"]
     page = (tmp_path / "run" / "report.html").read_text()
     assert "relates the kitchen to the office" in page and "Earlier I said: Turn one about item 2." in page
     assert "no reply parsed in 3 attempts" in page and "../data/images/2350000.jpg" in page

@@ -146,3 +146,21 @@ def test_a_batch_of_conversations_answers_like_each_alone(tiny):
     ]
     for params in (SamplingParams(max_new_tokens=15), SamplingParams(max_new_tokens=15, repetition_penalty=1.5)):
         assert chat.answer_batch(conversations, params) == [chat.answer(c, params) for c in conversations]
+
+
+def test_a_cache_from_a_left_padded_batch_never_attends_to_its_padding(tiny):
+    """The cache remembers which of its positions were padding, so a batch can be continued on it."""
+    model, _ = tiny
+    torch.manual_seed(1)
+    short, long = torch.randn(1, 5, 32), torch.randn(1, 9, 32)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, 32), short], dim=1), long])
+    mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
+    cache = KVCache()
+    next(iter(generate(model.lm, batch, SamplingParams(max_new_tokens=1), attention_mask=mask, cache=cache)))
+    assert cache.mask is not None and cache.mask[0, :4].sum() == 0
+    more = torch.randn(2, 3, 32)
+    params = SamplingParams(max_new_tokens=10)
+    batched = list(generate(model.lm, more, params, cache=cache))
+    for row, prefix in enumerate((short, long)):
+        alone = list(generate(model.lm, torch.cat([prefix, more[row:row + 1]], dim=1), params))
+        assert [int(t[row]) for t in batched] == [int(t[0]) for t in alone]

@@ -101,6 +101,11 @@ def test_reasks_are_bounded_and_failures_keep_the_raw_text(tmp_path):
         # Another judge model is another key.
         other = Judge(Client(EndpointConfig(url, "judge-y")), cache=JudgmentCache(tmp_path / "cache.jsonl"))
         assert other.key("truncated") != again.key("truncated")
+        # So is the same model name at another endpoint: its judgments are not this one's.
+        elsewhere = Judge(Client(EndpointConfig("http://127.0.0.1:9/v1", "judge-x")),
+                          cache=JudgmentCache(tmp_path / "cache.jsonl"))
+        assert elsewhere.key("truncated") != again.key("truncated")
+        assert Judge(Client(EndpointConfig(url, "judge-x"))).key("truncated") == again.key("truncated")
 
 
 def test_pairwise_with_position_swap(tmp_path):

@@ -20,7 +20,7 @@ LAYERS = [
     ("data model", {"errors", "registry", "config", "conversation", "formats", "image", "client"}),
     ("rendering", {"template", "tokenizer", "processor"}),
     ("model", {"model"}),
-    ("inference", {"generate", "engine"}),
+    ("inference", {"generate", "session", "prefix", "engine"}),
     ("stages", {"train", "eval", "synth", "world"}),
     ("front ends", {"serve", "cli"}),
 ]
@@ -133,8 +133,8 @@ def test_every_stage_folder_says_what_lives_there_and_what_it_may_import():
         assert doc and "import" in doc, f"{init.relative_to(PACKAGE)} needs a docstring saying what it may import"
 
 
-@pytest.mark.parametrize("name", ["load", "Chat", "Conversation", "Image", "Message", "Text", "user_message",
-                                  "SparklesError", "InputError", "ConfigError", "ContextLengthError",
+@pytest.mark.parametrize("name", ["load", "Chat", "ChatSession", "Conversation", "Image", "Message", "Text",
+                                  "user_message", "SparklesError", "InputError", "ConfigError", "ContextLengthError",
                                   "ImageLoadError", "CheckpointError"])
 def test_public_names_stay_where_users_find_them(name):
     assert getattr(sparkles, name) is not None

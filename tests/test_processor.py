@@ -1,16 +1,22 @@
 """The renderer: golden ids and loss mask, the original's exact prompt strings, prefix stability, limits."""
 
 import dataclasses
+import io
+import json
+import re
 
 import pytest
 from conftest import CHATML, solid, tiny_config
+from PIL import Image as PILImage
 
-from sparkles.config import SPARKLESCHAT_SYSTEM
+from sparkles.config import SPARKLESCHAT_SYSTEM, DataSource
 from sparkles.conversation import Conversation, Message, Text, parse_markup, user_message
 from sparkles.errors import ContextLengthError, InputError
 from sparkles.processor import IGNORE, Processor, TextStream
 from sparkles.template import SparklesTemplate
 from sparkles.tokenizer import byte_tokenizer
+from sparkles.train.recipes import PRESETS
+from sparkles.train.records import read_source
 
 
 def processor(**changes) -> Processor:
@@ -29,12 +35,13 @@ def two_turns() -> Conversation:
 def test_golden_rendering_of_two_turns_and_three_images():
     p = processor()
     r = p.render(two_turns())
+    # No system prompt, and still the leading "###": the original's training text (spec §4.2).
     assert p.visualize(r) == (
-        "<s>Human: Compare IMAGE#1<Img>⟨image 1 × 4 at 28⟩</Img> with IMAGE#2<Img>⟨image 2 × 4 at 56⟩</Img>.###"
-        "Assistant:⟦ Red, then blue.###⟧Human: Is IMAGE#3<Img>⟨image 3 × 4 at 121⟩</Img> like IMAGE#1?###"
+        "<s>###Human: Compare IMAGE#1<Img>⟨image 1 × 4 at 31⟩</Img> with IMAGE#2<Img>⟨image 2 × 4 at 59⟩</Img>.###"
+        "Assistant:⟦ Red, then blue.###⟧Human: Is IMAGE#3<Img>⟨image 3 × 4 at 124⟩</Img> like IMAGE#1?###"
         "Assistant:⟦ No.###⟧")
-    assert r.image_starts == [28, 56, 121]
-    assert len(r) == 165
+    assert r.image_starts == [31, 59, 124]
+    assert len(r) == 168
     assert r.input_ids[0] == p.tokenizer.bos_token_id
     for start in r.image_starts:
         assert r.input_ids[start:start + 4] == [p.image_token_id] * 4
@@ -141,3 +148,85 @@ def test_assistant_messages_cannot_hold_images():
     bad = Conversation((Message.text_only("user", "hi"), Message("assistant", (Text("see"), solid("red")))))
     with pytest.raises(InputError, match="only user messages may hold images"):
         p.render(bad)
+
+
+# The paper's recipe trains on the paper's text (spec §3.8, §4.2, §4.4, §6.4).
+
+SLOTS = re.compile("⟨image \\d+ × 32 at \\d+⟩")
+Q1 = ("Can you link the celebration occurring in IMAGE#2331159<Img><ImageHere></Img> and the dirt bike race in "
+      "IMAGE#2330601<Img><ImageHere></Img>?")
+A1 = "Certainly, in IMAGE#2331159 people celebrate."
+Q2 = "How would you incorporate the train scene from IMAGE#2408549<Img><ImageHere></Img> into the story?"
+A2 = "In IMAGE#2408549, we witness a train arriving."
+
+
+def turn_two_record(tmp_path):
+    """A record of the original's per-turn training files (spec §7.2), with its images on disk."""
+    (tmp_path / "images").mkdir()
+    for image_id in (2331159, 2330601, 2408549):
+        PILImage.new("RGB", (8, 8), "red").save(tmp_path / "images" / f"{image_id}.jpg")
+    record = {"instruction": f"###Human: {Q1}###Assistant: {A1}###Human: {Q2}###Assistant: ", "answer": A2,
+              "tgt_imgs": [{"image_id": 2331159}, {"image_id": 2330601}, {"image_id": 2408549}]}
+    (tmp_path / "turns.jsonl").write_text(json.dumps(record) + "\n")
+    samples, _ = read_source(DataSource(str(tmp_path / "turns.jsonl"), kind="sparkles_turns",
+                                        images=str(tmp_path / "images")))
+    return samples[0]
+
+
+def test_the_paper_recipe_trains_on_the_paper_text(tmp_path):
+    config = PRESETS["sparkleschat-7b"].model
+    p = Processor(byte_tokenizer((config.image_token,)), config)
+    sample = turn_two_record(tmp_path)
+    view = p.visualize(p.render(sample.conversation, loss_on=sample.loss_on, check_length=False))
+    # §3.8: BOS, no system prompt, "###Human: " … "###Assistant: " answer "###", loss on the last answer and its
+    # "###" only (§6.4); the trailing space of "###Assistant: " goes with the answer's first token (§4.4).
+    assert SLOTS.sub("<ImageHere>", view) == f"<s>###Human: {Q1}###Assistant: {A1}###Human: {Q2}###Assistant:⟦ {A2}###⟧"
+    assert "Give the following image" not in view and sample.loss_on == "last"
+
+
+def sentencepiece_tokenizer(folder):
+    """A LLaMA-style SentencePiece BPE tokenizer (byte fallback, dummy prefix), trained here on a few lines."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")  # transformers reads the .model through its protobuf schema
+    from transformers import AutoTokenizer
+
+    lines = [f"###Human: {Q1}###Assistant: {A1}###Human: {Q2}###Assistant: {A2}###",
+             "Human and Assistant talk about IMAGE#1 and IMAGE#2. The man sits on a bench in the park."] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=420,
+                                   model_type="bpe", character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, hard_vocab_limit=False)
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": True}))
+    return AutoTokenizer.from_pretrained(str(folder)), spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+@pytest.mark.parametrize("generation", [True, False])
+def test_sentencepiece_ids_are_the_originals(tmp_path, generation):
+    """The original tokenizes each stretch of text between two images in one call, BOS on the first only (spec
+    §3.7; training gives the same tokens, §4.4). A cut before "Human" would turn "###Human" into "###", "▁Human"."""
+    tokenizer, sp = sentencepiece_tokenizer(tmp_path / "tok")
+    config = dataclasses.replace(PRESETS["sparkleschat-7b"].model, tokens_per_image=3, system_prompt=SPARKLESCHAT_SYSTEM
+                                 if generation else "")
+    p = Processor(tokenizer, config)
+    conversation = turn_two_record(tmp_path).conversation
+    if generation:
+        conversation = Conversation(conversation.messages[:-1])
+    rendered = p.render(conversation, generation=generation, loss_on="last", check_length=False)
+    text = "".join("<ImageHere>" if piece.slot is not None else piece.text
+                   for piece in p.template.render(conversation, generation=generation, loss_on="last"))
+    segments = text.split("<ImageHere>")
+    expected = [sp.bos_id()] + sp.encode(segments[0])
+    for segment in segments[1:]:
+        expected += [p.image_token_id] * 3 + sp.encode(segment)
+    assert rendered.input_ids == expected
+    assert "Human" in tokenizer.convert_ids_to_tokens(rendered.input_ids)  # "###Human" kept whole, as the original
+    if not generation:
+        # §6.4: labels are the ids after the instruction, whose trailing lone "▁" is dropped from its count.
+        instruction = text[:text.rindex(A2)]
+        count = len([sp.bos_id()] + sum(([p.image_token_id] * 3 + sp.encode(s) if k else sp.encode(s)
+                                         for k, s in enumerate(instruction.split("<ImageHere>"))), []))
+        last = sp.encode(instruction.split("<ImageHere>")[-1])[-1]
+        count -= instruction.endswith(" ") and last == sp.piece_to_id("▁")
+        assert [i for i, label in enumerate(rendered.labels) if label != IGNORE] == list(range(count, len(expected)))

@@ -284,6 +284,65 @@ def test_concurrent_requests_are_batched_and_never_mix(chat):
     assert len(set(answers)) > 1 and engine.stats()["peak_batch"] >= 2
 
 
+def test_the_prefix_cache_resumes_shared_histories_with_the_same_tokens_concurrently(chat):
+    """Follow-ups that resend a history (images, earlier turns) resume from the prompt the cache holds; decoded side
+    by side in one batch, greedy or seeded, each gets exactly what it gets without the cache, and /health counts."""
+    first = two_images("red", "blue", "Which is red?")
+    history = first + [{"role": "assistant", "content": "IMAGE#1 is red."}]
+    follow = [history + [{"role": "user", "content": [text(q)] + ([image(data_url(c))] if c else [])}]
+              for q, c in [("And IMAGE#2?", None), ("Is IMAGE#3 green?", "green"), ("Compare all.", "purple"),
+                           ("Why?", None)]]
+    params = [SamplingParams(max_new_tokens=12, temperature=t, seed=i) for i, t in enumerate([0, 1.0, 0, 0.8])]
+
+    def answers(mb: float):
+        engine = Engine.from_chat(chat, EngineConfig(max_batch=4, prefix_cache_mb=mb))
+        encode = lambda messages: engine.encode(load_images(from_openai(messages)))  # noqa: E731
+        try:
+            *_, end = engine.submit(encode(first), SamplingParams(max_new_tokens=4))
+            # Answered, its prompt is kept with the answer's tokens (all but the last, which was never fed), once the
+            # engine has let go of its row (the final event comes just before).
+            deadline = time.monotonic() + 10
+            while engine.stats()["running"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            held = [len(e.ids) for e in engine.prefix._entries.values()]
+            assert held == ([end.prompt_tokens + end.completion_tokens - 1] if mb else [])
+            together = [engine.submit(encode(m), p) for m, p in zip(follow, params)]  # all join one prefill
+            out = ["".join(event.text for event in request) for request in together]
+            health = TestClient(create_app(engine)).get("/health").json()
+        finally:
+            engine.close()
+        return out, health, engine.stats()
+
+    cached, health, stats = answers(64)
+    plain, _, plain_stats = answers(0)
+    assert cached == plain and len(set(cached)) > 1
+    assert cached[0] == expected(chat, follow[0], max_new_tokens=12)[0]
+    prompt = len(chat.processor.render(load_images(from_openai(first)), generation=True))
+    counts = health["prefix_cache"]
+    # Each follow-up resumes at least the first prompt (a later one may resume an earlier follow-up's, longer).
+    assert counts["hits"] == 4 and counts["misses"] == 1 and counts["tokens_reused"] >= 4 * prompt
+    assert 0 < counts["bytes"] <= counts["capacity_bytes"] == 64 * 2**20 and stats["peak_batch"] >= 2
+    assert plain_stats["prefix_cache"]["entries"] == 0 and plain_stats["prefix_cache"]["hits"] == 0
+
+
+def test_the_prefix_cache_stays_within_its_bound_and_tells_images_apart():
+    import torch
+
+    from sparkles.prefix import PrefixCache
+
+    layer = lambda n: [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))]  # noqa: E731  (1, H, L, d)
+    cache = PrefixCache(capacity=3 * 2 * 2 * 10 * 4 * 4, tokens_per_image=2)  # room for about 3 entries of 10
+    a = [1, 2, 9, 9, 3, 4, 5, 6, 7, 8]  # an image (id 9) at position 2
+    cache.store(a, [(2, "a" * 64)], layer(10))
+    assert cache.lookup(a + [11], [(2, "a" * 64)])[0] == 10
+    assert cache.lookup(a + [11], [(2, "b" * 64)])[0] == 2  # same ids, another image: only what precedes it
+    assert cache.lookup(a, [(2, "a" * 64)])[0] == 9  # never the whole prompt: its last position must run
+    for n in range(5):
+        cache.store([20 + n] * 10, [], layer(10))
+    assert cache.nbytes <= cache.capacity and cache.counts["evicted"] >= 3
+    assert cache.lookup(a + [11], [(2, "a" * 64)])[0] == 0  # the oldest went first
+
+
 def test_a_flood_of_bad_requests_leaves_it_serving(chat, tmp_path):
     engine = Engine.from_chat(chat)
     bad = [raw for raw, _, _ in _bad_requests(tmp_path)[:14]] * 8  # none that the default config allows
@@ -410,3 +469,5 @@ def test_the_serve_command_line():
                                         "--max-queue", "3", "--allowed-image-dir", ".", "--max-images", "4"])
     assert (args.port, args.allow_http, args.max_batch, args.max_queue, args.max_images) == (9001, True, 2, 3, 4)
     assert args.host == "127.0.0.1" and args.run.__module__ == "sparkles.serve.server"
+    assert args.prefix_cache_mb == ServeConfig.prefix_cache_mb
+    assert _parser("serve").parse_args(["serve", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0

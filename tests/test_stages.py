@@ -137,3 +137,14 @@ def test_curves_say_what_is_missing(tmp_path):
 
     with pytest.raises(InputError, match="no metrics.jsonl"):
         write_curves(tmp_path)
+
+
+def test_a_config_file_lists_stages(tmp_path):
+    from sparkles.train.recipes import build_config
+
+    path = tmp_path / "staged.yaml"
+    path.write_text("preset: tiny\nstages:\n  - {name: see, kind: perception, overrides: [optim.lr_vision=0.01]}\n"
+                    "  - {name: talk}\n")
+    config = build_config(str(path), None, ["out=elsewhere"])
+    assert config.stages == (Stage("see", "perception", ("optim.lr_vision=0.01",)), Stage("talk"))
+    assert config.out == "elsewhere"

@@ -56,7 +56,12 @@ def test_the_prompts_are_the_originals_verbatim_and_filled_with_json():
     candidates = [Caption(i, f"caption {i}") for i in (3, 4, 5, 6)]
     prompt = build_prompt(MODES["vg"], [demos[2]], candidates=candidates, first_images=[2])
     shown, listed = (json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", prompt, re.S))
-    assert shown == demos[2] and listed[0] == {"image_id": 3, "caption": "caption 3"}  # an int id stays an int
+    assert listed[0] == {"image_id": 3, "caption": "caption 3"}  # an int id stays an int
+    # VG shows its one demonstration as the original does: inside a list of dialogues, [[{…}]], ids as ints.
+    assert prompt.count("```json\n[\n[{") == 1 and len(shown) == 1
+    assert shown[0] == [m | {"image_ids": [int(i) for i in m["image_ids"]]} if "image_ids" in m else m
+                        for m in demos[2]]
+    assert all(isinstance(i, int) for m in shown[0] for i in m.get("image_ids", []))
     assert "selects two highly relevant images" in prompt
 
 

@@ -82,14 +82,41 @@ def test_the_page_handler_streams_and_reports_user_errors(tiny, pictures):
     from sparkles.serve.webui import _responder
 
     respond = _responder(gr, Chat(*tiny), SamplingParams(max_new_tokens=8))
-    updates = list(respond({"text": "What is IMAGE#1?", "files": pictures[:1]}, Conversation(), 0, 1, 8))
+    updates = list(respond({"text": "What is IMAGE#1?", "files": pictures[:1]}, Conversation(), None, 0, 1, 8))
     assert len(updates) >= 3  # the question first, then the answer as it grows, then the final state
-    shown, conversation, box, gallery = updates[-1]
+    shown, conversation, session, box, gallery = updates[-1]
     assert box is None and [m.role for m in conversation] == ["user", "assistant"]
     assert shown == chat_messages(conversation) and shown[-1]["role"] == "assistant"
     assert gallery == [(pictures[0], "IMAGE#1")]
+    assert session.conversation == conversation  # this browser's session now holds the dialogue's cache
     with pytest.raises(gr.Error, match="IMAGE#2"):
-        list(respond({"text": "And IMAGE#2?", "files": []}, conversation, 0, 1, 8))
+        list(respond({"text": "And IMAGE#2?", "files": []}, conversation, session, 0, 1, 8))
+
+
+def test_each_browser_session_reuses_its_cache_and_follows_the_pages_undo(tiny, pictures):
+    gr = pytest.importorskip("gradio")
+    from sparkles.conversation import Conversation
+    from sparkles.serve.webui import _free, _responder
+
+    model, processor = tiny
+    chat = Chat(model, processor)
+    encoded = []
+    model.vision.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    respond = _responder(gr, chat, SamplingParams(max_new_tokens=6))
+
+    def turn(text, files, conversation, session):
+        return list(respond({"text": text, "files": files}, conversation, session, 0, 1, 6))[-1][1:3]
+
+    one, session = turn("What is IMAGE#1?", pictures[:1], Conversation(), None)
+    two, same = turn("And IMAGE#2 with IMAGE#1?", pictures[1:2], one, session)
+    assert same is session and encoded == [1, 1] and session.stats["tokens_reused"] > 0
+    # The page undoes turn two and asks something else: the session follows, nothing is encoded again, and the
+    # answer is the one a fresh Chat gives.
+    three, _ = turn("Is IMAGE#1 red?", [], undo_turn(two), session)
+    assert encoded == [1, 1] and three.messages[:2] == one.messages
+    assert three.messages[-1].text == chat.answer(Conversation(three.messages[:-1]), SamplingParams(max_new_tokens=6))
+    _free(session)
+    assert session.cache.length == 0 and session.turns == 0
 
 
 def _free_port() -> int:

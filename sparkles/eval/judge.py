@@ -232,7 +232,10 @@ class Judge:
                 "template_sha256": hashlib.sha256(TEMPLATE.encode()).hexdigest()[:16], **self.settings}
 
     def key(self, prompt: str) -> str:
-        data = json.dumps([self.model, self.settings, prompt], ensure_ascii=False, sort_keys=True)
+        # The base URL is part of the key: one model name at two endpoints (a provider and a local server) is two
+        # judges, and one's judgments must not be served as the other's.
+        data = json.dumps([self.model, self.client.config.base_url, self.settings, prompt], ensure_ascii=False,
+                          sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()
 
     def judge(self, prompt: str, parse: Callable[[str], dict] = parse_ratings) -> Judgment:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..conversation import SLOT
 from ..errors import InputError
-from .tasks.common import sort_key
+from .tasks.common import UNREADABLE, sort_key
 
 CRITERIA = ("C1", "C2", "C3")
 
@@ -282,19 +282,41 @@ def write_outputs(folder: Path, meta: dict[str, Any], results: Sequence[dict]) -
                                                      "judge": (meta.get("judge") or {}).get("model"),
                                                      "protocol_hash": meta["protocol_hash"]}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    stem = f"{meta['legacy_name']}_{meta['model_name']}"
-    for old in folder.glob(f"{stem}_acc*.json"):
-        old.unlink()  # the accuracy is in the original's file name: a rerun's file replaces, not joins, the old one
-    accuracy = summary.get("accuracy")
-    name = f"{stem}_acc{accuracy:.3f}.json" if accuracy is not None else f"{stem}.json"
-    legacy = [r["legacy"] for r in results if r.get("legacy") is not None]
-    (folder / name).write_text(json.dumps(legacy, indent=4, ensure_ascii=False), encoding="utf-8")
+    write_legacy(folder, meta, summary, results)
     view = RunView(meta["model_name"], meta, summary, results)
     page = folder / "report.html"
     page.write_text(render_html([view], image_src_for(page)), encoding="utf-8")
     (folder / "distribution.svg").write_text(bars_svg(distribution(results, meta["metric"]), meta["model_name"]),
                                              encoding="utf-8")
     return summary
+
+
+def write_legacy(folder: Path, meta: dict[str, Any], summary: dict[str, Any], results: Sequence[dict]) -> Path:
+    """The original's result file, which its merge code and HTML viewer read with the numbers of summary.json.
+
+    They hold only what the original's own runs hold: items that were answered and scored. Those left out (a
+    generation error, a judgment that never parsed) are listed beside it in `<stem>.left_out.json`, a name the
+    original's merge (which reads `<stem>_*.json`) passes over. Unreadable BISON/NLVR2 answers stay in, as
+    `"predict": "unreadable"`: they count as wrong in both."""
+    stem = f"{meta['legacy_name']}_{meta['model_name']}"
+    for old in [*folder.glob(f"{stem}_acc*.json"), folder / f"{stem}.left_out.json"]:
+        old.unlink(missing_ok=True)  # the accuracy is in the file name: a rerun's file replaces the old one
+    accuracy = summary.get("accuracy")
+    name = f"{stem}_acc{accuracy:.3f}.json" if accuracy is not None else f"{stem}.json"
+    kept = [r for r in results if r.get("legacy") is not None and r["status"] == "ok" and r["value"] is not None]
+    # Runs written before the original's file was readable by its code hold `"predict": null`; fix it on the way.
+    records = [r["legacy"] | {"predict": UNREADABLE} if r["legacy"].get("predict", "") is None else r["legacy"]
+               for r in kept]
+    write_atomic(folder / name, json.dumps(records, indent=4, ensure_ascii=False))
+    kept_ids = {id(r) for r in kept}
+    left = [{"id": r["id"], "status": r["status"], "error": r.get("error") or "no score"}
+            for r in results if id(r) not in kept_ids]
+    unreadable = [r["id"] for r in kept if not r.get("parsed", True)]
+    if left or unreadable:
+        note = {"file": name, "left_out": left, "unreadable_answers_kept_as_wrong": unreadable,
+                "why": "the original's code reads only answered, scored items; these are in results.jsonl"}
+        write_atomic(folder / f"{stem}.left_out.json", json.dumps(note, indent=2) + "\n")
+    return folder / name
 
 
 def merge_runs(folders: Sequence[str | Path], out: str | Path) -> tuple[dict[str, Any], list[dict]]:

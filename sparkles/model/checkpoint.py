@@ -44,17 +44,49 @@ def save_checkpoint(model: VisionLanguageModel, processor: Processor, folder: st
                 "model": to_dict(model.config)}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         processor.tokenizer.save_pretrained(str(tmp))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
+        _swap_in(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Put the folder `new` at `folder` so that a reader finds the old checkpoint or the new one, never none.
+
+    Linux swaps two folders in one step (renameat2 with RENAME_EXCHANGE); `new` then holds the old files and is
+    removed by the caller. Elsewhere (or on a file system without the call) the old folder is first moved aside
+    to `.<name>.old`; a crash between the two renames leaves it there, and `_recover` moves it back on the next
+    save or load."""
+    _recover(folder)
+    if not folder.exists():
+        new.rename(folder)
+    elif not _exchange(new, folder):
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        new.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _recover(folder: Path) -> None:
+    """Undo a save that died between its two renames: the old checkpoint waits in `.<name>.old`."""
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and (old / "config.json").is_file():
+        old.rename(folder)
 
 
 def _check_frozen_parts_have_sources(model: VisionLanguageModel) -> None:
@@ -68,6 +100,7 @@ def _check_frozen_parts_have_sources(model: VisionLanguageModel) -> None:
 
 
 def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, str]:
+    _recover(Path(folder))
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a Sparkles checkpoint: it has no config.json")
@@ -88,7 +121,9 @@ def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     config, weights = read_config(folder)
     tokenizer = load_tokenizer(str(folder))
     # A full checkpoint needs no pretrained folders; a trainable-only one reads the frozen parts from them.
-    model, processor = build_model(config, load_weights=weights == "trainable", tokenizer=tokenizer)
+    # The LM is made in the target dtype and place: no fp32 copy of a 7B LM on the way.
+    model, processor = build_model(config, load_weights=weights == "trainable", tokenizer=tokenizer, dtype=dtype,
+                                   device=device)
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

@@ -91,14 +91,16 @@ class VisionLanguageModel(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids)
 
 
-def build_model(config: ModelConfig, *, load_weights: bool = True,
-                tokenizer=None) -> tuple[VisionLanguageModel, Processor]:
-    """Build model and processor from a config; `load_weights=False` builds the structure only (random weights)."""
+def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=None, dtype: torch.dtype | None = None,
+                device: str | torch.device | None = None) -> tuple[VisionLanguageModel, Processor]:
+    """Build model and processor from a config; `load_weights=False` builds the structure only (random weights).
+
+    `dtype` and `device` say where the LM is made (see `_build_lm`); the caller moves the other parts."""
     if tokenizer is None:
         tokenizer = _tokenizer(config)
     processor = Processor(tokenizer, config)
     vision = build_vision(config.vision, load_weights=load_weights)
-    lm = _build_lm(config, len(tokenizer), load_weights)
+    lm = _build_lm(config, len(tokenizer), load_weights, dtype=dtype, device=device)
     width = lm.get_input_embeddings().embedding_dim
     connector_cls = CONNECTORS.get(config.connector)
     if connector_cls is None:
@@ -148,19 +150,24 @@ def _tokenizer(config: ModelConfig):
     return byte_tokenizer((config.image_token,))
 
 
-def _build_lm(config: ModelConfig, vocab_size: int, load_weights: bool) -> nn.Module:
+def _build_lm(config: ModelConfig, vocab_size: int, load_weights: bool, *, dtype: torch.dtype | None = None,
+              device: str | torch.device | None = None) -> nn.Module:
+    """The causal LM, made directly in `dtype` and, when read from a folder, on `device`: a 7B LM read in fp32 and
+    cast afterwards would need 28 GB of host memory on the way. None keeps transformers' own choice."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     lang = config.language
+    typed = {"dtype": dtype} if dtype is not None else {}
     if lang.kind == "tiny":
         fields = {k: v for k, v in lang.config.items() if k != "model_type"}
         fields.setdefault("vocab_size", vocab_size)
-        return LlamaForCausalLM(LlamaConfig(**fields))
+        return LlamaForCausalLM(LlamaConfig(**fields)).to(dtype=dtype)  # a few MB: made, then cast
     if lang.kind != "hf":
         raise ConfigError(f"unknown language kind {lang.kind!r}; expected tiny or hf")
     if lang.path and load_weights:
+        placed = {"device_map": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
         try:
-            return AutoModelForCausalLM.from_pretrained(lang.path)
+            return AutoModelForCausalLM.from_pretrained(lang.path, **typed, **placed)
         except OSError as e:
             from ..errors import CheckpointError
 
@@ -168,7 +175,7 @@ def _build_lm(config: ModelConfig, vocab_size: int, load_weights: bool) -> nn.Mo
     if not lang.config:
         raise ConfigError("language kind 'hf' needs a path to pretrained weights or a config to build from")
     fields = dict(lang.config)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields), **typed)
 
 
 def _lm_config_dict(config: ModelConfig, lm: nn.Module) -> dict:

@@ -14,7 +14,7 @@ import math
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
@@ -41,6 +41,7 @@ class ServeConfig:
     default_max_tokens: int = 512  # when a request names no max_tokens (cut to the room left in the context)
     max_batch: int = 8  # rows the engine decodes together (when the server builds the engine)
     max_queue: int = 64  # requests waiting to join the batch; past this the server answers 429
+    prefix_cache_mb: float = 1024  # KV of recent prompts, to resume requests that start alike (their history); 0 = off
 
 
 class ApiError(Exception):
@@ -218,7 +219,7 @@ def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
     from starlette.exceptions import HTTPException
 
     engine = chat_or_engine if isinstance(chat_or_engine, Engine) else \
-        Engine.from_chat(chat_or_engine, EngineConfig(config.max_batch, config.max_queue))
+        Engine.from_chat(chat_or_engine, EngineConfig(config.max_batch, config.max_queue, config.prefix_cache_mb))
 
     @asynccontextmanager
     async def lifespan(app):  # the engine stops with the app
@@ -365,7 +366,7 @@ async def _sse(handle, request: ChatRequest, meta: dict):
 def add_cli(commands) -> None:
     serve = commands.add_parser("serve", help="an OpenAI-compatible server: /v1/chat/completions, /v1/models, /health")
     serve.add_argument("--model", default=None, help="checkpoint folder, or 'default' (the embedded model)")
-    serve.add_argument("--served-model-name", default="sparkles", help="the model id clients send")
+    serve.add_argument("--served-model-name", dest="model_name", default="sparkles", help="the model id clients send")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--allowed-image-dir", metavar="DIR", help="image paths and file:// URLs: only in this folder")
@@ -373,7 +374,9 @@ def add_cli(commands) -> None:
     serve.add_argument("--max-images", type=int, default=None, help="images per request (default: the model's)")
     serve.add_argument("--max-batch", type=int, default=ServeConfig.max_batch, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=ServeConfig.max_queue, help="waiting requests before 429")
-    serve.add_argument("--max-tokens", type=int, default=ServeConfig.default_max_tokens, help="when a request has none")
+    serve.add_argument("--max-tokens", dest="default_max_tokens", type=int, default=ServeConfig.default_max_tokens,
+                       help="when a request has none")
+    serve.add_argument("--prefix-cache-mb", type=float, default=ServeConfig.prefix_cache_mb, help="0 turns it off")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     serve.set_defaults(run=_run, system=None)
@@ -386,9 +389,7 @@ def _run(args) -> int:
 
     if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
         raise ConfigError(f"--allowed-image-dir {args.allowed_image_dir} is not a folder")
-    config = ServeConfig(model_name=args.served_model_name, allowed_image_dir=args.allowed_image_dir,
-                         allow_http=args.allow_http, max_images=args.max_images, max_batch=args.max_batch,
-                         max_queue=args.max_queue, default_max_tokens=args.max_tokens)
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)})
     app = create_app(load_chat(args), config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
     # On Ctrl-C or SIGTERM the engine stops first, so that open streams end at once with an error and [DONE].

@@ -2,7 +2,9 @@
 
 Images can be uploaded at any turn; each is shown labelled IMAGE#k and text can name it. Answers stream; the last
 turn can be undone, the chat reset, and the dialogue exported as SparklesDialogue JSON. The state is a plain
-`Conversation`, and the pure functions below turn it into what the page shows. Gradio is imported inside
+`Conversation`, and the pure functions below turn it into what the page shows. Served from a `Chat`, each browser
+session also holds a `ChatSession`: a cache of its encoded images and KV positions, freed on reset or when the
+browser goes away, and rebuilt from the conversation whenever it is missing. Gradio is imported inside
 functions, nothing is fetched from the internet, and the core never imports this module.
 """
 
@@ -93,12 +95,15 @@ def _gradio():
 
 
 def build_demo(chat, params: SamplingParams = SamplingParams(), *, concurrency: int = 1):
-    """The Gradio Blocks app over anything with `stream(conversation, params)`: a `Chat`, or an `Engine` that
-    batches the answers of `concurrency` visitors at once."""
+    """The Gradio Blocks app over a `Chat`, whose visitors each get a `ChatSession` (every image encoded once, each
+    turn prefilled alone), or an `Engine` that batches the answers of `concurrency` visitors but re-reads every
+    turn's whole history."""
     gr = _gradio()
     exports = tempfile.mkdtemp(prefix="sparkles-web-")
     with gr.Blocks(title="Sparkles") as demo:
         state = gr.State(Conversation())
+        # A cache, not the truth: gradio drops it an hour after its last use or when the browser leaves.
+        session = gr.State(None, time_to_live=3600, delete_callback=_free)
         gr.Markdown("## Sparkles: chat about many images\n" + HELP)
         with gr.Row():
             with gr.Column(scale=3):
@@ -117,43 +122,65 @@ def build_demo(chat, params: SamplingParams = SamplingParams(), *, concurrency: 
                     length = gr.Slider(1, 2048, value=params.max_new_tokens, step=1, label="max new tokens")
                 exported = gr.File(label="SparklesDialogue JSON", elem_id="exported")
         respond = _responder(gr, chat, params)
-        box.submit(respond, [box, state, temperature, top_p, length], [chatbot, state, box, gallery],
+        box.submit(respond, [box, state, session, temperature, top_p, length], [chatbot, state, session, box, gallery],
                    concurrency_limit=concurrency)
         views = [chatbot, state, gallery]
-        undo.click(lambda c: _views(undo_turn(c)), [state], views)
-        reset.click(lambda: _views(Conversation()), None, views)
-        chatbot.clear(lambda: _views(Conversation()), None, views)  # the chatbot's own bin button resets too
+        undo.click(lambda c: _views(undo_turn(c)), [state], views)  # the session follows at the next turn
+        reset.click(lambda s: _views(Conversation(), _free(s)), [session], views + [session])
+        chatbot.clear(lambda s: _views(Conversation(), _free(s)), [session], views + [session])  # its bin resets too
         export.click(lambda c: str(export_dialogue(c, tempfile.mkdtemp(dir=exports))), [state], [exported])
     return demo
 
 
-def _views(conversation: Conversation):
-    return chat_messages(conversation), conversation, gallery_items(conversation)
+def _views(conversation: Conversation, *extra):
+    return chat_messages(conversation), conversation, gallery_items(conversation), *extra
+
+
+def _free(session) -> None:
+    """Let go of a browser session's cache (its KV tensors and encoded images) at once."""
+    if session is not None:
+        session.close()
 
 
 def _responder(gr, chat, params: SamplingParams):
     """The submit handler: add the user's turn, then stream the answer into the last bubble."""
 
-    def respond(value, conversation, temperature, top_p, length):
+    def respond(value, conversation, session, temperature, top_p, length):
         try:
             asked = add_user_turn(conversation, value.get("text", ""), list(value.get("files", [])))
         except SparklesError as e:  # the user can fix it: say so, and keep what they typed
             raise gr.Error(str(e)) from None
         sampling = replace(params, temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(length))
         shown, answer = chat_messages(asked) + [{"role": "assistant", "content": ""}], ""
-        yield shown, asked, None, gallery_items(asked)  # the user's turn shows at once, before the first token
+        yield shown, asked, session, None, gallery_items(asked)  # the user's turn shows at once
         try:
-            for delta in chat.stream(asked, sampling):
+            if hasattr(chat, "model"):  # a Chat: this browser's session answers from its cache
+                session = _session(session, chat, conversation)
+                deltas = session.stream(asked.messages[-1], params=sampling)
+            else:
+                deltas = chat.stream(asked, sampling)
+            for delta in deltas:
                 answer += delta
                 shown[-1] = {"role": "assistant", "content": answer.lstrip()}
-                yield shown, asked, None, gallery_items(asked)
+                yield shown, asked, session, None, gallery_items(asked)
         except SparklesError as e:  # e.g. the context is full: back to before this turn
-            yield chat_messages(conversation), conversation, value, gallery_items(conversation)
+            yield chat_messages(conversation), conversation, session, value, gallery_items(conversation)
             raise gr.Error(str(e)) from None
+        # The session may have dropped old turns to make room; the page keeps showing the whole dialogue.
         final = add_answer(asked, answer)
-        yield chat_messages(final), final, None, gallery_items(final)
+        yield chat_messages(final), final, session, None, gallery_items(final)
 
     return respond
+
+
+def _session(session, chat, conversation: Conversation):
+    """This browser's session, made on its first turn, brought to the page's dialogue (which undo may have cut)."""
+    from ..session import ChatSession
+
+    session = session if session is not None else ChatSession(chat.model, chat.processor)
+    if not session.follows(conversation):
+        session.resume(conversation)
+    return session
 
 
 def add_cli(commands) -> None:
@@ -169,11 +196,10 @@ def add_cli(commands) -> None:
 
 def _run(args) -> int:
     from ..cli import load_chat
-    from ..engine import Engine
 
-    # Visitors asking at the same time are answered in one batch.
-    engine = Engine.from_chat(load_chat(args))
-    demo = build_demo(engine, SamplingParams(max_new_tokens=args.max_new_tokens), concurrency=engine.config.max_batch)
+    # Each visitor gets a session (images encoded once, turns prefilled alone); visitors run side by side in
+    # gradio's worker threads rather than in one batch, which for long multi-image chats saves far more.
+    demo = build_demo(load_chat(args), SamplingParams(max_new_tokens=args.max_new_tokens), concurrency=4)
     print(f"Sparkles web UI at http://{args.host}:{args.port} (Ctrl-C stops it)")
     demo.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
     return 0

@@ -315,7 +315,16 @@ def build_prompt(spec: DialogueSpec, demos: Sequence[list[dict[str, Any]]], *, c
     shown = [{"image_id": c.shown_id, "caption": c.caption} for c in candidates]
     if spec.mode == "cc":
         return prompt_template(spec).format(_json_lines(demos), _json_lines(shown))
-    return prompt_template(spec).format(_json_lines(demos[0]), _json_lines(shown), number_word(first_images[0]))
+    # As the original shows it (spec §8.4): a list of dialogues holding the one demonstration, [[{…}, …]], with its
+    # image ids as ints, like the SVIT candidates' (it calls int() on them).
+    demo = [m | {"image_ids": [_as_int(i) for i in m["image_ids"]]} if "image_ids" in m else m for m in demos[0]]
+    return prompt_template(spec).format(_json_lines([demo]), _json_lines(shown), number_word(first_images[0]))
+
+
+def _as_int(image_id: str | int) -> str | int:
+    """A decimal id as the int it spells; anything else (a CC id with letters, "007") unchanged."""
+    return int(image_id) if isinstance(image_id, str) and image_id.isdigit() and str(int(image_id)) == image_id \
+        else image_id
 
 
 def _json_lines(items: Sequence[Any]) -> str:

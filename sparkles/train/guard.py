@@ -13,14 +13,10 @@ import math
 
 import torch
 
-from ..errors import SparklesError
+from ..errors import TrainingDiverged
 from .resume import Dist
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(SparklesError):
-    """The loss or gradients were NaN/inf for `max_nonfinite` steps in a row, or the weights hold NaN/inf."""
 
 
 def any_across(flag: bool, dist: Dist) -> bool:

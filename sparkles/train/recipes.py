@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from ..config import (
-    SPARKLESCHAT_SYSTEM,
     TINY,
     DataConfig,
     DataSource,
@@ -50,10 +49,12 @@ PRESETS: dict[str, TrainConfig] = {
     # 3e-5 peak, warm-up 400 steps from 1e-6, cosine to 1e-5 over 2000 steps, 8 samples a step, no clipping.
     # Point model.vision.path / model.language.path at the BLIP-2 and Vicuna folders, and init= at a folder made
     # by `sparkles convert sparkleschat --pth minigpt4_7b_stage1.pth …` to start where the paper started.
+    # The paper trains on "<s>###Human: …###Assistant: …###" with no system prompt (spec §4.2); the inference
+    # prompt (SPARKLESCHAT_SYSTEM) was only ever prepended at chat time (§4.4), so it is not trained on here.
     "sparkleschat-7b": TrainConfig(
         model=ModelConfig(vision=VisionConfig(kind="blip2", path="BLIP2_DIR", image_size=224),
                           language=LanguageConfig(kind="hf", path="VICUNA_DIR"), connector="linear",
-                          tokens_per_image=32, system_prompt=SPARKLESCHAT_SYSTEM, image_token="<ImageHere>",
+                          tokens_per_image=32, system_prompt="", image_token="<ImageHere>",
                           max_seq_len=2000, trainable=("connector",)),
         data=DataConfig(max_len=1024, num_workers=4),
         optim=OptimConfig(lr_connector=3e-5, weight_decay=0.05, schedule="original", warmup_steps=400,

@@ -28,10 +28,9 @@ def add_cli(commands) -> None:
 
 def run(args) -> int:
     from ..config import SamplingParams
-    from ..conversation import Conversation
     from ..errors import ConfigError
-    from ..generate import Chat
     from ..model.checkpoint import is_untrained_default, load
+    from ..session import ChatSession
     from .tasks import WorldConfig, make_dialogue, score
 
     if args.turns < 2:
@@ -44,18 +43,17 @@ def run(args) -> int:
     if is_untrained_default(args.model):
         print("note: no trained default model is installed, so this is an untrained tiny one: expect noise.",
               file=sys.stderr)
-    chat = Chat(*load(args.model))
+    # A session, as a chat should be: each image is encoded once, and each turn prefills only its own tokens.
+    session = ChatSession(*load(args.model))
     print(f"A conversation about {len(files)} images drawn for seed {seed} (saved in {out}/):\n")
-    conversation, rows = Conversation(), []
+    rows = []
     users = [m for m in item.conversation if m.role == "user"]
     for turn, (message, truth) in enumerate(zip(users, item.truths), start=1):
-        conversation = conversation.append(message)
         print(f"USER: {_with_files(message, files)}")
-        answer = chat.answer(conversation, SamplingParams(max_new_tokens=80))
+        answer = session.answer(message, params=SamplingParams(max_new_tokens=80))
         result = score(truth, answer)
         mark = "right" if result.correct else f"wrong, expected: {truth.answer}"
         print(f"SPARKLES: {answer}\n          ({mark})\n")
-        conversation = conversation.append(_assistant(answer))
         rows.append({"turn": turn, "question": message.text, "answer": answer, "expected": truth.answer,
                      "correct": bool(result.correct)})
     right = sum(r["correct"] for r in rows)
@@ -66,12 +64,6 @@ def run(args) -> int:
           "  sparkles chat            (a REPL: /image PATH adds an image mid-dialogue)")
     (out / "demo.json").write_text(json.dumps({"seed": seed, "turns": rows}, indent=2))
     return 0
-
-
-def _assistant(text: str):
-    from ..conversation import Message, Text
-
-    return Message("assistant", (Text(text),))
 
 
 def _save_images(item, out: Path) -> dict[str, Path]:

@@ -142,7 +142,7 @@ def train_perception(tower, vision: VisionConfig, out: str | Path, config: Perce
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 metrics = evaluate(tower, probe, vision, n=config.eval_n)
                 row["eval"] = metrics
-                log.info("perception step %d: loss %.4f, %s", step + 1, float(loss), metrics)
+                log.info("perception step %d: loss %.4f, %s", step + 1, loss.item(), metrics)
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             if (step + 1) % config.save_every == 0:

@@ -132,11 +132,19 @@ def exact_score(example: Example, answer: str, options: tuple[str, str], mode: s
     return Scored(float(correct), parsed=prediction is not None, prediction=prediction)
 
 
+# What an unreadable answer predicts in the original's result file. The original resamples until it can read one,
+# so its code calls `predict.lower()` on every record: null would crash it. No label equals this word, so its
+# accuracy counts the answer as wrong, as our summary does (our results.jsonl keeps `prediction: null`).
+UNREADABLE = "unreadable"
+
+
 def pair_record(example: Example, answer: str, scored: Scored) -> dict[str, Any]:
-    """The original's BISON/NLVR2 result record (spec §7.7); `predict` is null where the original would resample."""
+    """The original's BISON/NLVR2 result record (spec §7.7); `predict` is UNREADABLE where the original would
+    resample."""
     return {"label": example.record["label"], "prompt": example.record["prompt"],
             "img_paths": [str(Path(i.source).resolve()) for i in example.images],
-            "predict": scored.prediction, "response": answer, "sentence": example.record["sentence"],
+            "predict": scored.prediction if scored.prediction is not None else UNREADABLE,
+            "response": answer, "sentence": example.record["sentence"],
             "evaluation_id": example.record["evaluation_id"]}
 
 

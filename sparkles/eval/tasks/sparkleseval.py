@@ -52,15 +52,17 @@ class SparklesEval:
 
     def legacy_record(self, example: Example, answers: Sequence[str], scored: Scored,
                       judgment: Any = None) -> dict[str, Any]:
-        """The original's result item: the dialogue with the model's answers, and the judge's object."""
+        """The original's result item: the dialogue with the model's answers, and the judge's object.
+
+        A judgment that failed gets no judge object: the original's code reads four numbers from every one it
+        finds. Its raw replies stay in results.jsonl, and the report leaves the item out of the original's file."""
         dialogue = [dict(m) for m in example.record["dialogue"]]
         for k, answer in zip((1, 3), answers):
             dialogue[k]["content"] = answer
         out: dict[str, Any] = {"dialogue": dialogue, "evaluation_id": example.record["evaluation_id"]}
-        if judgment is not None:
-            parsed = judgment.parsed if judgment.status == "ok" else {}
-            out[judgment.model] = {"A1_C123_scores": parsed.get("A1_C123_scores"),
-                                   "A2_C123_scores": parsed.get("A2_C123_scores"),
+        if judgment is not None and judgment.status == "ok":
+            out[judgment.model] = {"A1_C123_scores": judgment.parsed["A1_C123_scores"],
+                                   "A2_C123_scores": judgment.parsed["A2_C123_scores"],
                                    "prompt": judgment.prompt, "response": judgment.response}
         return out
 
