@@ -118,8 +118,9 @@ def load_chat(args):
     from .processor import Processor
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, processor = load(args.model, dtype=dtype, device=args.device)
+    model, processor = load(args.model, dtype=dtype, device=check_device(args.device))
     if args.system is not None:
+        check_text(args.system, "--system")
         processor = Processor(processor.tokenizer, dataclasses.replace(processor.config, system_prompt=args.system))
     if is_untrained_default(args.model):
         print("note: no trained default model is installed yet, so Sparkles built a tiny untrained one: its answers "
@@ -127,9 +128,41 @@ def load_chat(args):
     return Chat(model, processor)
 
 
+def check_device(name: str) -> str:
+    """A device torch knows and this machine has, or a ConfigError that says which it has."""
+    import torch
+
+    from .errors import ConfigError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {name!r} is not a device: expected cpu, cuda or cuda:N ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asks for CUDA, but this machine has no CUDA GPU (or torch was built "
+                          "without CUDA); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def check_text(text: str, what: str) -> str:
+    """Text that is valid Unicode: bytes that are not UTF-8 reach us as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        from .errors import InputError
+
+        raise InputError(f"{what} is not valid UTF-8 text: {text[e.start:e.end].encode('utf-8', 'surrogateescape')!r}"
+                         f" at character {e.start}") from None
+    return text
+
+
 def _run_chat(args) -> int:
     from .image import image_part
 
+    if args.prompt is not None and not check_text(args.prompt, "the prompt").strip():
+        raise _usage("the prompt is empty: ask a question, or leave the prompt out to chat in a REPL")
     sampling = _sampling(args)
     images = [image_part(path, allow_http=args.allow_http) for path in args.image]  # fail fast, before the model
     if args.prompt is None:
@@ -166,6 +199,10 @@ def _repl(chat, images, sampling, *, allow_http: bool) -> int:
     from .session import ChatSession
 
     session, pending = ChatSession(chat.model, chat.processor), list(images)
+    try:  # a line that is not UTF-8 reaches check_text, which refuses it, and the session goes on
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except Exception:  # noqa: BLE001 (a stdin that is no text file: a test's, or a pipe's replacement)
+        pass
     print(REPL_HELP)
     for i, image in enumerate(pending):
         print(f"IMAGE#{i + 1}: {image.source}")
@@ -176,6 +213,7 @@ def _repl(chat, images, sampling, *, allow_http: bool) -> int:
             print()
             return 0
         try:
+            check_text(line, "this line")
             if line in ("/quit", "/exit"):
                 return 0
             if line == "/reset":

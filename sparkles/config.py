@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,14 @@ class ModelConfig:
     lora: LoraConfig = LoraConfig()  # adapters on the frozen LM; part of the model's structure, so saved with it
 
 
+# Bounds of SamplingParams: OpenAI's 4 stop sequences (each at most MAX_STOP_CHARS long, so that checking each new
+# token against them costs a bounded time), the seeds torch takes, and penalties that keep logits finite.
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+MIN_SEED, MAX_SEED = -2**63, 2**64 - 1
+MAX_REPETITION_PENALTY = 10.0
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily: dividing logits by it would overflow
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
@@ -81,14 +90,26 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-                  (self.temperature >= 0, "temperature must be >= 0"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.top_k >= 0, "top_k must be >= 0"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
-        for ok, message in checks:
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v)
+                     for v in (self.temperature, self.top_p, self.repetition_penalty))
+        checks = [("", finite, "temperature, top_p and repetition_penalty must be finite numbers"),
+                  ("max_new_tokens", self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+                  ("temperature", self.temperature >= 0, "temperature must be >= 0"),
+                  ("top_p", 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  ("top_k", self.top_k >= 0, "top_k must be >= 0"),
+                  ("repetition_penalty", 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                   f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]"),
+                  ("seed", self.seed is None or MIN_SEED <= self.seed <= MAX_SEED,
+                   f"seed must be an integer in [{MIN_SEED}, {MAX_SEED}]"),
+                  ("stop", len(self.stop) <= MAX_STOPS, f"stop must hold at most {MAX_STOPS} strings"),
+                  ("stop", all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+                   f"each stop string must have 1 to {MAX_STOP_CHARS} characters")]
+        for name, ok, message in checks:
             if not ok:
-                raise ConfigError(f"{message}, got {self}")
+                got = getattr(self, name) if name else (self.temperature, self.top_p, self.repetition_penalty)
+                if name == "stop":
+                    got = [f"{s[:20]}… ({len(s)} characters)" if len(s) > 20 else s for s in got[:MAX_STOPS + 1]]
+                raise ConfigError(f"{message}, got {got!r}")
 
 
 # A tiny model for tests and smoke runs: 64-pixel images, 16 image tokens, a 2-layer LM over a byte vocabulary.

@@ -26,6 +26,7 @@ from .prefix import plain_layer as _plain
 from .processor import Encoded, TextStream
 
 log = logging.getLogger(__name__)
+ROW_FAILED = "generation failed for this request"  # one row's error: the others in its batch go on
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class _Row:
     produced: int = 0
     started: bool = False  # whether non-blank text has been sent (the answer's leading blanks are dropped)
     finish: str | None = None
+    broken: str | None = None  # why this row cannot go on (a seed torch refused): it ends with an error
 
     @staticmethod
     def waiting(request: Request) -> _Row:
@@ -192,9 +194,7 @@ class Engine:
         finally:
             request.cancel()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    alive = property(lambda self: self._thread.is_alive())
 
     def stats(self) -> dict:
         return {"running": len(self._rows), "waiting": len(self._waiting), **self.counts,
@@ -277,12 +277,14 @@ class Engine:
         self._drop_finished()
 
     def _row(self, request: Request, text_ids: torch.Tensor, keys: list) -> _Row:
-        params = request.params
-        generator = None
-        if params.seed is not None:  # a per-request generator: the same seed gives the same answer in any batch
-            generator = torch.Generator(device=text_ids.device).manual_seed(params.seed)
+        params, seed, broken = request.params, request.params.seed, None
+        try:  # a per-request generator: the same seed gives the same answer in any batch
+            generator = None if seed is None else torch.Generator(text_ids.device).manual_seed(seed)
+        except (RuntimeError, ValueError, OverflowError) as e:
+            generator = None
+            broken = f"seed {params.seed} refused: {e}"
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
-        return _Row(request, stream, text_ids, generator, params.max_new_tokens, keys)
+        return _Row(request, stream, text_ids, generator, params.max_new_tokens, keys, broken=broken)
 
     def _decode(self) -> None:
         """One step for every row: feed each row's last token, sample its next one."""
@@ -308,15 +310,21 @@ class Engine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token under its own sampling parameters; text goes out as it comes."""
-        banned = self.chat.model.image_token_id
-        if banned < logits.shape[-1]:  # image tokens are inputs only
+        if (banned := self.chat.model.image_token_id) < logits.shape[-1]:  # image tokens are inputs only
             logits[:, banned] = float("-inf")
         tokens = []
         for i, row in enumerate(rows):
-            token = sample(logits[i:i + 1], row.request.params, row.generator, row.seen)  # (1,)
-            row.seen = torch.cat([row.seen, token[:, None]], dim=1)
+            try:  # one row's failure ends that row only; the others keep decoding
+                if row.broken:
+                    raise ValueError(row.broken)
+                token = sample(logits[i:i + 1], row.request.params, row.generator, row.seen)  # (1,)
+                row.seen = torch.cat([row.seen, token[:, None]], dim=1)
+                self._advance(row, int(token))
+            except Exception as e:
+                log.exception("sampling failed for one request; ending it alone")
+                token = torch.zeros(1, dtype=torch.long, device=logits.device)  # a placeholder: the row is dropped
+                self._end(row, "error", f"{ROW_FAILED}: {type(e).__name__}: {e}"[:300])
             tokens.append(token)
-            self._advance(row, int(token))
         return torch.cat(tokens)
 
     def _advance(self, row: _Row, token: int) -> None:

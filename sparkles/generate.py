@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SamplingParams
+from .config import GREEDY_BELOW, SamplingParams
 from .conversation import Conversation, Message, Text
 from .errors import ContextLengthError
 from .processor import Processor, TextStream
@@ -60,14 +60,16 @@ class KVCache:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None) -> torch.Tensor:
     """Pick the next token of each row: (B, V) logits -> (B,) ids. `seen` (B, S) ids feed the repetition penalty."""
-    logits = logits.float()
+    # In float32 and finite: a NaN or inf from the model or the penalty must not reach the sampler.
+    logits = logits.float().nan_to_num(float("-inf"), torch.finfo(torch.float32).max, float("-inf"))
     if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
         picked = logits.gather(1, seen)
         picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
         logits = logits.scatter(1, seen, picked)
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    greedy = logits.argmax(dim=-1)
+    if params.temperature < GREEDY_BELOW:  # 0 is greedy; a tiny temperature would overflow the logits
+        return greedy
+    logits = (logits / params.temperature).nan_to_num(float("-inf"), torch.finfo(torch.float32).max, float("-inf"))
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -77,7 +79,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
         drop = (cumulative - ordered.softmax(-1)) >= params.top_p
         logits = logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)
+    bad = ~torch.isfinite(probs).all(-1) | ~(probs.sum(-1) > 0)  # every token at -inf, or an overflow
+    if bool(bad.any()):
+        probs[bad] = torch.nn.functional.one_hot(greedy[bad], probs.shape[-1]).to(probs.dtype)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.inference_mode()

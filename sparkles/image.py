@@ -11,8 +11,11 @@ import base64
 import binascii
 import hashlib
 import io
+import ipaddress
 import os
 import re
+import stat
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -111,12 +114,20 @@ def _read_source(source, allow_http: bool, max_bytes: int, timeout: float, root)
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
+    # Regular files only: a FIFO, a device or a socket would block a worker for ever (or stream without end). The
+    # open never blocks (O_NONBLOCK), and the check runs on the opened file, so a swap after a stat cannot slip by.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
-        if path.is_dir():
-            raise ImageLoadError(f"expected an image file, got a directory: {path}")
-        _check_bytes(path.stat().st_size, str(path), max_bytes)
-        with path.open("rb") as f:
-            data = f.read(max_bytes + 1)  # stat can lie (pipes, /dev files, a file growing under us)
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind != "regular file":
+            raise ImageLoadError(f"expected an image file, got a {kind}: {path}")
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            info = os.fstat(f.fileno())
+            if _file_kind(info.st_mode) != "regular file":
+                raise ImageLoadError(f"expected an image file, got a {_file_kind(info.st_mode)}: {path}")
+            _check_bytes(info.st_size, str(path), max_bytes)
+            data = _read_up_to(f, max_bytes + 1)  # a file growing under us stops at the limit
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {path}") from None
     except PermissionError:
@@ -125,6 +136,26 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
         raise ImageLoadError(f"cannot read image file {path}: {e.strerror or e}") from e
     _check_bytes(len(data), str(path), max_bytes)
     return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _read_up_to(f, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        chunk = f.read(min(1 << 20, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _read_data_uri(uri: str, label: str, max_bytes: int) -> bytes:
@@ -159,13 +190,24 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _read_url(url: str, max_bytes: int, timeout: float) -> bytes:
+    """GET `url` with `timeout` seconds for the connection and each read, and 3 × `timeout` for the whole body, so a
+    server that drips bytes cannot hold a worker."""
     opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    deadline = time.monotonic() + 3 * timeout
     try:
         with opener.open(url, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length and length.isdigit():
                 _check_bytes(int(length), url, max_bytes)
-            data = response.read(max_bytes + 1)
+            data = bytearray()
+            while len(data) <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(f"cannot fetch image {url}: expected the whole image within {3 * timeout:g} "
+                                         f"s, got {len(data)} bytes by then")
+                chunk = response.read1(min(1 << 16, max_bytes + 1 - len(data)))  # one recv: returns as bytes come
+                if not chunk:
+                    break
+                data += chunk
     except urllib.error.HTTPError as e:
         raise ImageLoadError(f"cannot fetch image {url}: expected HTTP 200, got {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
@@ -173,7 +215,45 @@ def _read_url(url: str, max_bytes: int, timeout: float) -> bytes:
     except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
         raise ImageLoadError(f"cannot fetch image {url}: {e}") from e
     _check_bytes(len(data), url, max_bytes)
-    return data
+    return bytes(data)
+
+
+# Not globally routable, whatever a Python version's `is_global` says (IANA special-purpose registries).
+_SPECIAL_V4 = tuple(map(ipaddress.IPv4Network, (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32")))
+_SPECIAL_V6 = tuple(map(ipaddress.IPv6Network, (
+    "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16",
+    "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")))
+_WRAPS_V4 = tuple(map(ipaddress.IPv6Network, ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96")))
+
+
+def is_public_address(address) -> bool:
+    """True only for a globally routable unicast address, checked after unwrapping every IPv4 address an IPv6 one
+    carries (IPv4-mapped, -compatible and -translated, NAT64 64:ff9b::/96, 6to4 2002::/16, Teredo 2001::/32), so
+    that ::ffff:127.0.0.1 or 2002:7f00:1:: count as the loopback they lead to. `address`: a string or ip_address."""
+    try:
+        ip = ipaddress.ip_address(str(address).split("%")[0])  # a zone (fe80::1%eth0) changes nothing
+    except ValueError:
+        return False
+    if ip.version == 4:
+        return ip.is_global and not any(ip in net for net in _SPECIAL_V4)
+    inner = [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)] if any(ip in net for net in _WRAPS_V4) else []
+    inner += [ip.sixtofour] if ip.sixtofour else []
+    inner += list(ip.teredo) if ip.teredo else []  # (server, client): both are IPv4 hops
+    if inner:
+        return all(is_public_address(v4) for v4 in inner)
+    return ip.is_global and not any(ip in net for net in _SPECIAL_V6)
+
+
+def check_public_addresses(host: str, addresses) -> None:
+    """Refuse `host` unless it resolved to something and every address it resolved to is public."""
+    addresses = list(addresses)
+    bad = [str(a) for a in addresses if not is_public_address(a)]
+    if bad or not addresses:
+        raise ImageLoadError(f"cannot fetch image from {host}: expected a public address, got "
+                             f"{', '.join(bad) if bad else 'no address'} (private, local or reserved)")
 
 
 def _check_bytes(size: int, label: str, max_bytes: int) -> None:

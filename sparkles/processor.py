@@ -169,6 +169,27 @@ def image_to_tensor(pixels: PILImage.Image, config: VisionConfig) -> torch.Tenso
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
+def prefix_table(word: str) -> list[int]:
+    """Knuth-Morris-Pratt: for each i, the length of the longest proper prefix of word[:i + 1] that ends it."""
+    table, k = [0] * len(word), 0
+    for i in range(1, len(word)):
+        while k and word[i] != word[k]:
+            k = table[k - 1]
+        k += word[i] == word[k]
+        table[i] = k
+    return table
+
+
+def overlap(text: str, word: str, table: Sequence[int]) -> int:
+    """The length of the longest suffix of `text` that is a proper prefix of `word`, in O(len(text) + len(word))."""
+    k = 0
+    for char in text:
+        while k and (k == len(word) or char != word[k]):
+            k = table[k - 1]
+        k += char == word[k]
+    return k if k < len(word) else table[k - 1]
+
+
 class TextStream:
     """Token ids in, text out: never splits a UTF-8 character, and holds back what may be the start of a stop string.
 
@@ -178,6 +199,8 @@ class TextStream:
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        # Per token, the work is linear in the stop strings' lengths, never in the text's or their square.
+        self.tables, self.longest = [prefix_table(s) for s in self.stop], max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self.shown = 0
         self.stopped = False
@@ -186,13 +209,15 @@ class TextStream:
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        start = max(0, self.shown - self.longest)  # a stop string cannot begin in text shown long ago
+        cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped, self.text = True, text[:cut]
             return self._emit(len(self.text))
         self.text = text
         safe = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
-        held = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text[:safe].endswith(s[:n])), default=0)
+        held = max((overlap(text[max(0, safe - len(s) + 1):safe], s, t) for s, t in zip(self.stop, self.tables)),
+                   default=0)
         return self._emit(safe - held)
 
     def finish(self) -> str:

@@ -54,6 +54,16 @@ def test_a_checkpoint_folder_is_a_model(tiny, photos, tmp_path, capsys):
     (["word " * 3000], "error: the conversation is"),
     (["--model", "no/such/folder", "hi"], "error: no checkpoint folder at no/such/folder"),
     (["--temperature", "-1", "hi"], "error: temperature must be >= 0"),
+    (["--seed", "18446744073709551616", "--temperature", "1", "hi"], "error: seed must be an integer in"),
+    (["--temperature", "nan", "hi"], "error: temperature, top_p and repetition_penalty must be finite"),
+    (["--repetition-penalty", "1e300", "--temperature", "1", "hi"], "error: repetition_penalty must be in (0, 10]"),
+    (["--max-new-tokens", "0", "hi"], "error: max_new_tokens must be >= 1"),
+    (["--stop", "", "hi"], "error: each stop string must have 1 to 256 characters"),
+    (["--stop", "x" * 257, "hi"], "error: each stop string must have 1 to 256 characters"),
+    (["--device", "banana", "hi"], "error: --device 'banana' is not a device"),
+    ([""], "error: the prompt is empty"),
+    (["   "], "error: the prompt is empty"),
+    (["caf\udce9?"], "error: the prompt is not valid UTF-8 text: b'\\xe9' at character 3"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message, photos, tmp_path, capsys):
     bad = tmp_path / "bad.png"
@@ -138,3 +148,40 @@ def test_render_names_a_broken_line(tmp_path, capsys):
     path.write_text(json.dumps(DIALOGUE) + "\n{broken\n")
     assert main(["render", str(path), "--index", "1"]) == 2
     assert "d.jsonl, record 1: line 2 is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_tiny_temperature_is_greedy(capsys):
+    answers = []
+    for temperature in ("0", "1e-300"):
+        assert main(["chat", "hi", "--max-new-tokens", "6", "--temperature", temperature, "--seed", "1"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1]
+
+
+def test_a_device_this_machine_lacks_is_one_error_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["chat", "--device", "cuda", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda asks for CUDA, but this machine has no CUDA GPU"), err
+    assert "Traceback" not in err
+
+
+def test_the_repl_refuses_a_line_that_is_not_utf8_and_goes_on(monkeypatch, capsys):
+    lines = iter(["caf\udce9?", "hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "error: this line is not valid UTF-8 text: b'\\xe9' at character 3" in err and "Traceback" not in err
+    assert next(lines, "all read") == "all read"
+
+
+def test_the_installed_command_refuses_a_prompt_of_bytes_that_are_not_utf8():
+    import os
+
+    result = subprocess.run([sys.executable.encode(), b"-m", b"sparkles.cli", b"chat", b"caf\xe9?"],
+                            capture_output=True, timeout=120, env={**os.environ, "PYTHONUTF8": "1"})
+    assert result.returncode == 2 and b"Traceback" not in result.stderr
+    assert result.stderr.strip().endswith(b"error: the prompt is not valid UTF-8 text: b'\\xe9' at character 3")

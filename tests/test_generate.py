@@ -164,3 +164,58 @@ def test_a_cache_from_a_left_padded_batch_never_attends_to_its_padding(tiny):
     for row, prefix in enumerate((short, long)):
         alone = list(generate(model.lm, torch.cat([prefix, more[row:row + 1]], dim=1), params))
         assert [int(t[row]) for t in batched] == [int(t[0]) for t in alone]
+
+
+def test_sampling_is_numerically_safe():
+    logits = torch.randn(3, 50) * 20
+    greedy = logits.argmax(-1)
+    # A temperature this small would overflow the logits: it samples greedily instead.
+    assert torch.equal(sample(logits, SamplingParams(temperature=1e-300), torch.Generator().manual_seed(0)), greedy)
+    seen = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    strong = SamplingParams(temperature=1e-4, repetition_penalty=10.0)
+    assert sample(logits, strong, torch.Generator().manual_seed(2**64 - 1), seen).shape == (3,)
+    broken = logits.clone()
+    broken[0], broken[1, 7] = float("nan"), float("inf")  # a model that misbehaves still gives a valid id
+    ids = sample(broken, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    assert 0 <= int(ids[0]) < 50 and int(ids[1]) == 7
+
+
+@pytest.mark.parametrize("bad", [{"seed": 2**64}, {"seed": -2**63 - 1}, {"temperature": float("nan")},
+                                 {"repetition_penalty": 1e300}, {"stop": ("",)}, {"stop": ("x" * 257,)},
+                                 {"stop": ("a", "b", "c", "d", "e")}, {"top_p": float("inf")}])
+def test_sampling_params_are_bounded(bad):
+    with pytest.raises(ConfigError, match="must"):
+        SamplingParams(**bad)
+    SamplingParams(seed=2**64 - 1), SamplingParams(seed=-2**63), SamplingParams(stop=("x" * 256,) * 4)
+
+
+class CountingTable(list):
+    lookups = 0
+
+    def __getitem__(self, i):
+        CountingTable.lookups += 1
+        return super().__getitem__(i)
+
+
+def test_a_long_stop_string_costs_linear_work_per_token():
+    """The worst case for the old check (a stop string of 255 a's then b, text of a's) was quadratic in its length."""
+    from sparkles.processor import TextStream, overlap, prefix_table
+
+    word = "a" * 255 + "b"
+    assert overlap("x" + "a" * 300, word, prefix_table(word)) == 255
+    assert overlap("ab", "abab", prefix_table("abab")) == 2 and overlap("abab", "abab", prefix_table("abab")) == 2
+
+    class Chars:  # one id per character
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    stream = TextStream(Chars(), (word,) * 4)
+    stream.tables = [CountingTable(t) for t in stream.tables]
+    per_token = []
+    for _ in range(600):
+        before = CountingTable.lookups
+        assert stream.push(ord("a")) == ("a" if stream.ids[255:] else "")
+        per_token.append(CountingTable.lookups - before)
+    # At most 2 table lookups per character examined, and only the last len(word) characters are examined.
+    assert max(per_token) <= 4 * 2 * len(word) and per_token[-1] == per_token[300]
+    assert stream.push(ord("b")) == "" and stream.stopped and stream.text == "a" * 345

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparkles"
 # may use each other's modules (the world imports the original's BISON prompt; evaluation imports the world), which
 # the circle check keeps honest.
 LAYERS = [
-    ("data model", {"errors", "registry", "config", "conversation", "formats", "image", "client"}),
+    ("data model", {"errors", "registry", "config", "conversation", "formats", "image", "client", "jsonl"}),
     ("rendering", {"template", "tokenizer", "processor"}),
     ("model", {"model"}),
     ("inference", {"generate", "session", "prefix", "engine"}),

@@ -258,7 +258,7 @@ def test_http_images_never_come_from_private_addresses():
 
 def test_http_images_when_allowed_still_refuse_loopback(serve):
     response = ask(serve(allow_http=True), [{"role": "user", "content": [image("http://127.0.0.1:9/a.png")]}])
-    assert response.status_code == 400 and "private or local" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "expected a public address" in response.json()["error"]["message"]
 
 
 async def _together(app, requests):

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import SamplingParams
 from ..errors import ConfigError, InputError, SparklesError
+from ..jsonl import append_lines, repair_tail
 from .report import latest, read_jsonl, write_atomic
 from .tasks.common import Example, Task, conversation_for
 
@@ -110,6 +111,8 @@ def evaluate(task: Task, responder, options: RunOptions, judge=None) -> tuple[di
         raise InputError(f"{len(missing)} image files of {task.name} are missing, e.g. {', '.join(missing[:3])}")
     meta = start_run(task, responder, judge, options)
     answers_path, results_path = run_files(options.out, options.shard)
+    for path in (answers_path, results_path):  # a kill mid-write leaves a torn last line: cut it, redo its item
+        repair_tail(path)
     done = {k: r for k, r in latest(read_jsonl(results_path)).items() if r["status"] != "error"}
     answered = {k: a for k, a in latest(read_jsonl(answers_path)).items() if a.get("error") is None}
     todo = [e for e in examples if e.id not in done]
@@ -122,10 +125,10 @@ def evaluate(task: Task, responder, options: RunOptions, judge=None) -> tuple[di
     for start in range(0, len(queue), options.batch_size):
         batch = queue[start: start + options.batch_size]
         fresh = generate(task, responder, [e for e, a in batch if a is None], options)
-        _append(answers_path, fresh.values())
+        append_lines(answers_path, fresh.values())
         pairs = [(e, a or fresh[e.id]) for e, a in batch]
         records = score_batch(task, judge, pairs, options.judge_workers)
-        _append(results_path, records)
+        append_lines(results_path, records)
         running += [r["value"] for r in records if r["value"] is not None]
         bar.update(len(batch))  # a judged task without a judge still answers the batch
         _show(bar, task.metric, running)
@@ -223,15 +226,6 @@ def _show(bar, metric: str, values: list[float]) -> None:
 
 def _hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _append(path: Path, records) -> None:
-    """Append whole lines and flush them: a kill loses at most the line being written."""
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if lines:
-        with path.open("a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
 
 
 # The `sparkles eval` commands: argparse only here; models, judges and torch load when a command runs.

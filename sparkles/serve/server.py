@@ -10,7 +10,6 @@ import asyncio
 import ipaddress
 import json
 import logging
-import math
 import socket
 import time
 import uuid
@@ -19,10 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
-from ..config import SamplingParams
 from ..conversation import Conversation, Image, Message
-from ..engine import Engine, EngineClosedError, EngineConfig, QueueFullError
+from ..engine import ROW_FAILED, Engine, EngineClosedError, EngineConfig, QueueFullError
 from ..errors import ConfigError, ContextLengthError, ImageLoadError, InputError, SparklesError
+from ..image import check_public_addresses
+from .requests import ApiError, ChatRequest, check_conversation, parse_request  # noqa: F401 (ApiError: re-exported)
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 3
@@ -42,73 +42,6 @@ class ServeConfig:
     max_batch: int = 8  # rows the engine decodes together (when the server builds the engine)
     max_queue: int = 64  # requests waiting to join the batch; past this the server answers 429
     prefix_cache_mb: float = 1024  # KV of recent prompts, to resume requests that start alike (their history); 0 = off
-
-
-class ApiError(Exception):
-    """A request the server refuses, with its HTTP status and OpenAI error fields (`kind` is the error type)."""
-
-    def __init__(self, status: int, message: str, *, param=None, code=None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    messages: list
-    params: SamplingParams  # max_new_tokens is set once the prompt's length is known
-    max_tokens: int | None
-    stream: bool = False
-    include_usage: bool = False
-    ignore_eos: bool = False  # vLLM's extension: generate to max_tokens (benchmarks)
-
-
-def parse_request(body: Any, model_name: str) -> ChatRequest:
-    """Check a decoded /v1/chat/completions body; what cannot be honoured is refused, not ignored."""
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    if (model := _field(body, "model", str, required=True)) != model_name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
-                       param="model", code="model_not_found", kind="not_found_error")
-    for key, ok in (("n", _field(body, "n", int, 1) == 1), ("logprobs", not _field(body, "logprobs", bool, False)),
-                    ("tools", not body.get("tools")), ("functions", not body.get("functions")),
-                    ("response_format", (_field(body, "response_format", dict) or {}).get("type", "text") == "text")):
-        if not ok:
-            raise ApiError(400, f"{key}={json.dumps(body[key])[:60]} is not supported by this server", param=key)
-    stop = [stop] if isinstance(stop := _field(body, "stop", (str, list)) or [], str) else stop
-    if len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a non-empty string or a list of at most 16 of them", param="stop")
-    params = SamplingParams(
-        temperature=_number(body, "temperature", SamplingParams.temperature, 0, 2),  # the model's default: greedy
-        top_p=_number(body, "top_p", 1.0, 0, 1, open_low=True),
-        top_k=max(0, _field(body, "top_k", int, 0)),  # vLLM's extension; -1 also means off there
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, open_low=True),
-        stop=tuple(stop), seed=_field(body, "seed", int))
-    limit = _field(body, "max_completion_tokens", int) or _field(body, "max_tokens", int)
-    if limit is not None and limit < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {limit}", param="max_tokens")
-    return ChatRequest(_field(body, "messages", list, required=True), params, limit,
-                       stream=_field(body, "stream", bool, False), ignore_eos=_field(body, "ignore_eos", bool, False),
-                       include_usage=bool((_field(body, "stream_options", dict) or {}).get("include_usage")))
-
-
-def _field(body: dict, key: str, kind, default: Any = None, *, required: bool = False) -> Any:
-    if (value := body.get(key)) is None:  # JSON null counts as absent: clients send it for unset options
-        if required:
-            raise ApiError(400, f"missing required field {key!r}", param=key)
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
-        names = " or ".join({"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-                             "list": "a list", "dict": "an object"}[k.__name__] for k in kinds)
-        raise ApiError(400, f"{key} must be {names}, got {json.dumps(value)[:60]}", param=key)
-    return value
-
-
-def _number(body: dict, key: str, default: float, low: float, high: float, *, open_low: bool = False) -> float:
-    value = _field(body, key, (int, float), default)
-    if not math.isfinite(value) or not low <= value <= high or (open_low and value == low):
-        raise ApiError(400, f"{key} must be in {'(' if open_low else '['}{low}, {high}], got {value}", param=key)
-    return float(value)
 
 
 # Images: where they may come from
@@ -199,10 +132,8 @@ def _pin(url: str, resolve) -> tuple[str, dict, dict]:
                      for info in resolve(parts.hostname, port, type=socket.SOCK_STREAM)]
     except (OSError, ValueError) as e:
         raise ImageLoadError(f"cannot fetch image {url[:80]}: cannot resolve {parts.hostname} ({e})") from None
-    # ::ffff:10.0.0.1 is 10.0.0.1; multicast is "global" to the ipaddress module but never an image server.
-    if not addresses or not all((getattr(a, "ipv4_mapped", None) or a).is_global and not a.is_multicast
-                                for a in addresses):
-        raise ImageLoadError(f"cannot fetch image {url[:80]}: {parts.hostname} is a private or local address")
+    # Every address must be public after unwrapping any IPv4 embedded in IPv6 (mapped, NAT64, 6to4, Teredo, …).
+    check_public_addresses(parts.hostname, addresses)
     ip = str(addresses[0]) if addresses[0].version == 4 else f"[{addresses[0]}]"
     extensions = {"sni_hostname": parts.hostname} if parts.scheme.lower() == "https" else {}
     return parts._replace(netloc=f"{ip}:{port}").geturl(), {"Host": parts.netloc}, extensions
@@ -288,7 +219,9 @@ def _start(engine: Engine, request: ChatRequest, config: ServeConfig, loop):
     from ..formats import from_openai
 
     max_images = config.max_images or engine.processor.config.max_images
-    encoded = engine.encode(load_request_images(from_openai(request.messages), config, max_images))
+    conversation = from_openai(request.messages)
+    check_conversation(conversation)
+    encoded = engine.encode(load_request_images(conversation, config, max_images))
     params = replace(request.params, max_new_tokens=request.max_tokens or config.default_max_tokens)
     return engine.submit(encoded, params, strict=request.max_tokens is not None, ignore_eos=request.ignore_eos,
                          loop=loop)
@@ -310,7 +243,8 @@ def _error_response(e: Exception):
             log.error("internal error while handling a request", exc_info=e)
         e = ApiError(status, str(e) if status != 500 else "internal server error; see the server log", kind=kind,
                      code=code, param=param)
-    body = {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}}
+    message = str(e).encode("utf-8", "backslashreplace").decode("utf-8")  # it may quote text that is not Unicode
+    body = {"error": {"message": message, "type": e.kind, "param": e.param, "code": e.code}}
     return _json(body, e.status, {"Retry-After": "1"} if e.status in (429, 503) else None)
 
 
@@ -329,6 +263,8 @@ async def _complete(handle, http, meta: dict):
     finally:
         watcher.cancel()
         handle.cancel()
+    if last.error and last.error.startswith(ROW_FAILED):  # this request alone failed: retrying will not help
+        return _error_response(ApiError(500, last.error, kind="server_error"))
     if last.finish_reason in ("error", "cancelled"):
         return _error_response(EngineClosedError(last.error or "the request was cancelled"))
     choice = {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError
+from ..jsonl import repair_tail
 from .calls import CallResult
 from .parse import dedup_key
 from .prompts import Caption, demo_messages, parse_captions
@@ -48,7 +49,7 @@ def open_run(out: Path, fingerprint: dict[str, Any], *, resume: bool) -> RunStat
             raise ConfigError(f"{out} was made with other settings ({was}): resume it with the same ones, or choose "
                               "another --out")
     for name in (DATASET, REJECTS, CALLS):
-        if repair_tail(out / name):
+        if repair_tail(out / name, warn=False):  # warned here, so that the warning reaches synth.log
             log.warning("%s: dropped a half-written last line (the run was killed while writing it)", name)
     _write_atomic(out / RUN, json.dumps(fingerprint, indent=1, ensure_ascii=False))
     dataset = read_jsonl(out / DATASET)
@@ -109,9 +110,16 @@ def commit(out: Path, state: RunState, result: CallResult, *, n: int, teacher: s
 def read_json_records(path: str | Path) -> Any:
     """A JSON file's value, or the records of a JSONL file as a list."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is allowed and dropped
+    except UnicodeDecodeError as e:
+        at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # the codec counts after the BOM
+        line = data.count(b"\n", 0, at) + 1
+        raise InputError(f"{path}: expected UTF-8 text, got byte 0x{data[at]:02x} at byte offset {at} "
+                         f"(line {line}) that is not valid UTF-8; re-save the file as UTF-8") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -174,18 +182,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
     return records
-
-
-def repair_tail(path: Path) -> bool:
-    """Cut a last line that has no newline (a write cut short by a kill); True when something was cut."""
-    if not path.exists() or not path.stat().st_size:
-        return False
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return False
-    with path.open("r+b") as f:
-        f.truncate(data.rfind(b"\n") + 1)
-    return True
 
 
 def summarize(out: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ..config import OptimConfig, TrainConfig, to_dict
 from ..errors import CheckpointError, ConfigError
 from .evaluators import check_evaluation, due, evaluate
 from .guard import NonFiniteGuard, check_weights, mean_and_finite
-from .resume import Dist, barrier, latest_checkpoint, load_training_state, save_training_state
+from .resume import Dist, barrier, latest_checkpoint, load_training_state, resume_point, save_training_state
 
 log = logging.getLogger(__name__)
 PART_LR = {"vision": "lr_vision", "connector": "lr_connector", "lm": "lr_lm"}
@@ -161,8 +161,8 @@ def make_loader(config: TrainConfig, processor, dist: Dist, *, start: int):
 
     if not config.data.sources:
         raise ConfigError("no training data: give data=PATH (a SparklesDialogue JSON, LLaVA JSON or our JSONL)")
-    sources, reports = zip(*(read_source(s, strict=config.data.strict, seed=config.seed)
-                             for s in config.data.sources))
+    sources, reports = zip(*(read_source(s, strict=config.data.strict, seed=config.seed,
+                                         max_images=processor.config.max_images) for s in config.data.sources))
     if dist.main:
         for report in reports:
             (log.warning if report.skipped else log.info)(report.summary())
@@ -235,21 +235,23 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     if latest and not resume:
         raise ConfigError(f"{out} already holds checkpoints of a run (the newest: {latest.name}); pass --resume to "
                           "continue it, or choose another out=DIR")
-    state = json.loads((latest / "state.json").read_text()) if latest else {"step": 0, "position": 0}
+    point = resume_point(checkpoints, dist) if latest else None  # a damaged newest one falls back, with a warning
+    state = point.state if point else {"step": 0, "position": 0}
     if resume and dist.main:
-        log.info(f"resuming from {latest} (step {state['step']})" if latest else f"no checkpoint in {checkpoints}: "
-                 "starting from the beginning")
+        log.info(f"resuming from {point.folder} (step {state['step']})" if point else f"no checkpoint in "
+                 f"{checkpoints}: starting from the beginning")
     _seed_everything(config.seed + dist.rank)
     model, processor = build_model_for(config, dist)
-    if latest:
-        _load_weights(model, latest / "weights.safetensors")
+    if point:
+        _load_weights(model, point.weights, point.folder / "weights.safetensors")
+        point.weights = {}
     wrapped = wrap_model(model, config.strategy, dist)
     sharded = dist.world > 1 and config.strategy == "fsdp2"
     check_evaluation(config, sharded=sharded)
     optimizer = torch.optim.AdamW(param_groups(model, optim), betas=optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim))
-    if latest:
-        load_training_state(latest, dist=dist, optimizer=optimizer, scheduler=scheduler, sharded=sharded)
+    if point:
+        load_training_state(point, dist=dist, optimizer=optimizer, scheduler=scheduler, sharded=sharded)
         for group in optimizer.param_groups:  # the schedule of this config, even if max_steps changed since
             group["lr"] = group["initial_lr"] * lr_factor(state["step"], optim)
     loader = make_loader(config, processor, dist, start=state["position"])
@@ -356,10 +358,8 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _load_weights(model, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+def _load_weights(model, weights: dict, path: Path) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected:
         raise CheckpointError(f"{path} holds weights this model does not have: {unexpected[:5]}")
 

@@ -60,8 +60,10 @@ class ReadReport:
         return text + (f"; {lost} skipped ({'; '.join(self.examples)})" if lost else "")
 
 
-def read_source(source: DataSource, *, strict: bool = False, seed: int = 0) -> tuple[list[Sample], ReadReport]:
-    """All samples of one file, the bad records skipped (or raised, with `strict`) and reported.
+def read_source(source: DataSource, *, strict: bool = False, seed: int = 0,
+                max_images: int | None = None) -> tuple[list[Sample], ReadReport]:
+    """All samples of one file, the bad records skipped (or raised, with `strict`) and reported; a sample with more
+    image slots than `max_images` (the model's limit) is one of them.
 
     A path ``<stream>:<name>`` names a registered stream instead of a file: ``world:<kind>`` (caption, dialogue,
     bison, nlvr2) is an endless stream of shapes-world items drawn on the fly from `seed`.
@@ -84,6 +86,9 @@ def read_source(source: DataSource, *, strict: bool = False, seed: int = 0) -> t
                 raise InputError("no complete turn: a user message followed by an assistant answer")
             for conversation, loss_on in found:
                 conversation = _resolve_images(validate(conversation, allow_open=False), root)
+                if max_images is not None and len(conversation.slots) > max_images:
+                    raise InputError(f"too many images: {len(conversation.slots)}, the model takes at most "
+                                     f"{max_images} per conversation")
                 samples.append(Sample(conversation, loss_on, origin))
         except InputError as e:
             if strict:
