@@ -25,6 +25,7 @@ FEATURE_COMMANDS = {
     "serve": ("serve.server", "an OpenAI-compatible HTTP server"),
     "web": ("serve.webui", "a web UI for multi-image chat"),
     "export": ("model.export", "write a checkpoint in the HF LLaVA layout (transformers, vLLM, SGLang)"),
+    "merge": ("model.merge", "mix the weights of checkpoints of one architecture (SPHINX's weight mixing)"),
 }
 
 

@@ -37,6 +37,9 @@ class VisionConfig:
     image_size: int = 224  # images are squashed to this square size, as the original does
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    # A second tower whose features are joined to this one's along channels, token by token (SPHINX's mixed visual
+    # embeddings, `model/mixed.py`); None = this tower alone. Its own `extra` adds a third.
+    extra: VisionConfig | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 from ..config import SPARKLESCHAT_SYSTEM, TINY, LanguageConfig, ModelConfig, VisionConfig, from_dict, to_dict
 from ..errors import CheckpointError
 from ..processor import Processor
+from .mixed import towers
 from .model import VisionLanguageModel, build_model
 
 DEFAULT_CHECKPOINT = Path(__file__).parents[1] / "assets" / "default"
@@ -92,7 +93,8 @@ def _recover(folder: Path) -> None:
 def _check_frozen_parts_have_sources(model: VisionLanguageModel) -> None:
     """A trainable-only folder rebuilds frozen parts from pretrained folders; refuse to save one that cannot."""
     config = model.config
-    sources = {"vision": config.vision.path, "lm": config.language.path, "connector": None}
+    sources = {"vision": all(tower.path for tower in towers(config.vision)), "lm": config.language.path,
+               "connector": None}
     lost = [part for part in model.PARTS if part not in model.trainable and not sources[part]]
     if lost:
         raise CheckpointError(f"cannot save trainable weights only: the frozen {', '.join(lost)} would be lost, "

@@ -69,7 +69,9 @@ def check_exportable(model: VisionLanguageModel) -> None:
     from .vision import HFVisionTower
 
     config, problems = model.config, []
-    if not isinstance(model.vision, HFVisionTower):
+    if config.vision.extra is not None:
+        problems.append("mixed vision towers (vision.extra): LLaVA reads one tower, not channels joined from two")
+    elif not isinstance(model.vision, HFVisionTower):
         why = {"tiny": "our own small ViT has no Hugging Face class that vLLM or transformers could load",
                "blip2": "BLIP-2's ViT + Q-Former is no LLaVA vision tower (LLaVA reads one ViT layer directly)"}
         problems.append(f"vision tower {config.vision.kind!r}: {why.get(config.vision.kind, 'not an HF tower')}")

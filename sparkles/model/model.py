@@ -17,7 +17,7 @@ from ..errors import ConfigError, InputError
 from ..processor import Processor
 from ..tokenizer import NAMED, byte_tokenizer, load_tokenizer
 from .connectors import CONNECTORS
-from .vision import build_vision
+from .mixed import build_towers, resolve
 
 
 class VisionLanguageModel(nn.Module):
@@ -99,7 +99,7 @@ def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=Non
     if tokenizer is None:
         tokenizer = _tokenizer(config)
     processor = Processor(tokenizer, config)
-    vision = build_vision(config.vision, load_weights=load_weights)
+    vision = build_towers(config.vision, load_weights=load_weights)
     lm = _build_lm(config, len(tokenizer), load_weights, dtype=dtype, device=device)
     width = lm.get_input_embeddings().embedding_dim
     connector_cls = CONNECTORS.get(config.connector)
@@ -114,7 +114,7 @@ def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=Non
     # Record the resolved HF configs so that a full checkpoint rebuilds without the original folders.
     resolved = dataclasses.replace(
         config,
-        vision=dataclasses.replace(config.vision, config=vision.hf_config or config.vision.config),
+        vision=resolve(config.vision, vision),
         language=dataclasses.replace(config.language, config=_lm_config_dict(config, lm)))
     model = VisionLanguageModel(vision, connector, lm, config=resolved, image_token_id=processor.image_token_id)
     return model, processor

@@ -53,7 +53,9 @@ class HFVisionTower(nn.Module):
         super().__init__()
         self.model, self.feature_layer = model, feature_layer
         cfg = model.config
-        self.has_cls = getattr(getattr(model, "vision_model", model).embeddings, "class_embedding", None) is not None
+        # CLIP/SigLIP name the CLS embedding `class_embedding`; DINOv2 and ViT name it `cls_token`.
+        embeddings = getattr(model, "vision_model", model).embeddings
+        self.has_cls = any(getattr(embeddings, n, None) is not None for n in ("class_embedding", "cls_token"))
         self.drop = drop_cls and self.has_cls
         self.num_tokens = (image_size // cfg.patch_size) ** 2 + (self.has_cls and not self.drop)
         self.out_dim, self.hf_config = cfg.hidden_size, cfg.to_dict()
