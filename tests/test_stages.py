@@ -148,3 +148,11 @@ def test_a_config_file_lists_stages(tmp_path):
     config = build_config(str(path), None, ["out=elsewhere"])
     assert config.stages == (Stage("see", "perception", ("optim.lr_vision=0.01",)), Stage("talk"))
     assert config.out == "elsewhere"
+
+
+def test_each_stage_logs_to_its_own_train_log(tmp_path):
+    config = recipe(tmp_path, Stage("one"), Stage("two"))
+    run_stages(config, ["optim.max_steps=1"], _apply)
+    first = (tmp_path / "run" / "1-one" / "train.log").read_text()
+    second = (tmp_path / "run" / "2-two" / "train.log").read_text()
+    assert "2-two/model" not in first and "2-two/model" in second  # each stage's "finished …" line

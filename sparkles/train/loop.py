@@ -380,6 +380,10 @@ def _start_logging(out: Path, dist: Dist, config: TrainConfig) -> None:
     (out / "config.json").write_text(describe(config))
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.sparkles_run = True  # so that the next run in this process (a later stage) replaces it
     root = logging.getLogger("sparkles")
+    for old in [h for h in root.handlers if getattr(h, "sparkles_run", False)]:
+        root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
