@@ -52,14 +52,19 @@ def read_curves(run: Path) -> tuple[list[tuple[int, float]], dict[str, list[tupl
     return loss, evals, starts
 
 
+def panel_height(series: dict) -> int:
+    """Tall enough for the plot and for one legend line per series."""
+    return max(HEIGHT, 2 * PAD + 12 * len(series))
+
+
 def _panel(title: str, series: dict[str, list[tuple[int, float]]], starts, *, x_max: int, y_max: float,
            top: int, dashed=lambda name: False) -> list[str]:
-    left, w, h = PAD, WIDTH - PAD - 150, HEIGHT - 2 * PAD
+    left, w, h = PAD, WIDTH - PAD - 150, panel_height(series) - 2 * PAD
     out = [f'<text x="{left}" y="{top + 16}" font-size="13" font-weight="bold">{escape(title)}</text>',
            f'<rect x="{left}" y="{top + PAD}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
     for frac in (0, 0.5, 1):
         y = top + PAD + h * (1 - frac)
-        out.append(f'<text x="{left - 6}" y="{y + 4:.0f}" font-size="10" text-anchor="end">{y_max * frac:g}</text>')
+        out.append(f'<text x="{left - 6}" y="{y + 4:.0f}" font-size="10" text-anchor="end">{y_max * frac:.3g}</text>')
     for step, name in starts:
         x = left + w * step / max(1, x_max)
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + PAD}" y2="{top + PAD + h}" stroke="#ccc"/>'
@@ -87,6 +92,7 @@ def write_curves(run: str | Path, out: str | Path | None = None) -> tuple[Path, 
     smooth = _smooth(loss)
     panels = [_panel("training loss (mean of 20 steps)", {"loss": smooth}, starts, x_max=x_max,
                      y_max=max([v for _, v in smooth] + [1e-9]), top=0)]
+    height = HEIGHT
     scores = {k: v for k, v in evals.items() if all(0 <= x <= 1 for _, x in v)}
     # Each score and its grey-image baseline side by side: the same colour, the baseline dashed.
     ordered = {}
@@ -97,7 +103,7 @@ def write_curves(run: str | Path, out: str | Path | None = None) -> tuple[Path, 
     if ordered:
         panels.append(_panel("evaluation on fresh items (dashed: the same on grey images)", ordered, starts,
                              x_max=x_max, y_max=1.0, top=HEIGHT, dashed=lambda n: n.endswith("_grey")))
-    height = HEIGHT * len(panels)
+        height += panel_height(ordered)
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif">',
            f'<rect width="{WIDTH}" height="{height}" fill="white"/>', *[line for p in panels for line in p], "</svg>"]
     svg_path, md_path = out / "curves.svg", out / "curves.md"
