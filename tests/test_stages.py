@@ -156,3 +156,20 @@ def test_each_stage_logs_to_its_own_train_log(tmp_path):
     first = (tmp_path / "run" / "1-one" / "train.log").read_text()
     second = (tmp_path / "run" / "2-two" / "train.log").read_text()
     assert "2-two/model" not in first and "2-two/model" in second  # each stage's "finished …" line
+
+
+def test_a_recipe_that_names_its_model_sets_the_text_of_an_init_checkpoint(tmp_path):
+    """The paper's recipe starts from an imported SparklesChat-7B, which chats with a system prompt, yet trains
+    without one (spec §4.2): the recipe's system prompt wins over the checkpoint's."""
+    from sparkles.model.checkpoint import save_checkpoint
+    from sparkles.model.model import build_model
+    from sparkles.train.loop import build_model_for, init_distributed
+
+    model, processor = build_model(dataclasses.replace(TINY, system_prompt="Be helpful."))
+    save_checkpoint(model, processor, tmp_path / "init")
+    plain = TrainConfig(init=str(tmp_path / "init"), optim=OptimConfig(lr_connector=1e-3))
+    _, kept = build_model_for(plain, init_distributed())
+    assert kept.config.system_prompt == "Be helpful."  # no model named: the checkpoint's own text
+    paper = dataclasses.replace(plain, model=dataclasses.replace(TINY, system_prompt=""))
+    trained, processor = build_model_for(paper, init_distributed())
+    assert processor.config.system_prompt == "" and trained.config.system_prompt == ""

@@ -143,6 +143,7 @@ def build_model_for(config: TrainConfig, dist: Dist):
         torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
         if config.init:
             model, processor = load_checkpoint(config.init)
+            processor = _recipe_text(config, model, processor)
         else:
             model, processor = build_model(config.model)
     model.config = dataclasses.replace(model.config, trainable=parts)
@@ -150,6 +151,16 @@ def build_model_for(config: TrainConfig, dist: Dist):
     if config.activation_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(dist.device), processor
+
+
+def _recipe_text(config: TrainConfig, model, processor):
+    """A recipe that names its model sets the training text, not its init checkpoint: the paper's recipe trains
+    without the system prompt an imported SparklesChat-7B chats with (spec §4.2). No model named: the checkpoint's."""
+    wanted = {"system_prompt": config.model.system_prompt, "template": config.model.template}
+    if config.model == TrainConfig().model or all(getattr(model.config, k) == v for k, v in wanted.items()):
+        return processor
+    model.config = dataclasses.replace(model.config, **wanted)
+    return type(processor)(processor.tokenizer, model.config)
 
 
 def make_loader(config: TrainConfig, processor, dist: Dist, *, start: int):
