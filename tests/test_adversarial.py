@@ -16,7 +16,7 @@ from sparkles.generate import Chat
 from sparkles.image import load_images, to_data_uri
 from sparkles.serve.server import ServeConfig, create_app
 
-pytest.importorskip("fastapi")
+pytest.importorskip("fastapi", reason="the server needs the [serve] extra, which .ci/run installs")
 from fastapi.testclient import TestClient  # noqa: E402
 
 RED = to_data_uri(PILImage.new("RGB", (40, 30), "red"))

@@ -186,8 +186,9 @@ def test_the_paper_recipe_trains_on_the_paper_text(tmp_path):
 
 def sentencepiece_tokenizer(folder):
     """A LLaMA-style SentencePiece BPE tokenizer (byte fallback, dummy prefix), trained here on a few lines."""
-    spm = pytest.importorskip("sentencepiece")
-    pytest.importorskip("google.protobuf")  # transformers reads the .model through its protobuf schema
+    why = "SentencePiece tokenizers need the [sentencepiece] extra (also in [dev], which .ci/run installs)"
+    spm = pytest.importorskip("sentencepiece", reason=why)
+    pytest.importorskip("google.protobuf", reason=why)  # transformers reads the .model through its protobuf schema
     from transformers import AutoTokenizer
 
     lines = [f"###Human: {Q1}###Assistant: {A1}###Human: {Q2}###Assistant: {A2}###",

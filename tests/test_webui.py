@@ -77,7 +77,7 @@ def test_export_is_a_sparkles_dialogue_that_reads_back(pictures, tmp_path):
 
 
 def test_the_page_handler_streams_and_reports_user_errors(tiny, pictures):
-    gr = pytest.importorskip("gradio")
+    gr = pytest.importorskip("gradio", reason="the web UI needs the [web] extra, which .ci/run installs")
     from sparkles.conversation import Conversation
     from sparkles.serve.webui import _responder
 
@@ -94,7 +94,7 @@ def test_the_page_handler_streams_and_reports_user_errors(tiny, pictures):
 
 
 def test_each_browser_session_reuses_its_cache_and_follows_the_pages_undo(tiny, pictures):
-    gr = pytest.importorskip("gradio")
+    gr = pytest.importorskip("gradio", reason="the web UI needs the [web] extra, which .ci/run installs")
     from sparkles.conversation import Conversation
     from sparkles.serve.webui import _free, _responder
 
