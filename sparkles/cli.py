@@ -20,7 +20,7 @@ FEATURE_COMMANDS = {
     "demo": ("world.demo", "watch the default model talk about several images over several turns"),
     "train": ("train.recipes", "train or fine-tune a model (one process or torchrun)"),
     "eval": ("eval.cli", "evaluate a model on SparklesEval, BISON, NLVR2 or the shapes world"),
-    "world": ("world.tasks", "generate the synthetic shapes world's datasets"),
+    "world": ("world.sets", "generate the synthetic shapes world's datasets"),
     "synth": ("synth.cli", "generate SparklesDialogue-style dialogues with a teacher LLM"),
     "serve": ("serve.server", "an OpenAI-compatible HTTP server"),
     "web": ("serve.webui", "a web UI for multi-image chat"),

@@ -12,11 +12,10 @@ from sparkles.conversation import Conversation, Message, to_markup, validate
 from sparkles.errors import ConfigError
 from sparkles.formats import from_sparkles_dialogue, to_sparkles_dialogue
 from sparkles.world import scoring, shapes
+from sparkles.world.sets import SETS, generate
 from sparkles.world.tasks import (
     MAKERS,
-    SETS,
     WorldConfig,
-    generate,
     make_bison,
     make_dialogue,
     make_eval_set,
