@@ -66,8 +66,8 @@ PRESETS: dict[str, TrainConfig] = {
     # its tokens on captions; then every task type, captions kept in the blend.
     "default": TrainConfig(
         model=DEFAULT_MODEL,
-        data=DataConfig(sources=(DataSource("world:caption", ratio=3), DataSource("world:dialogue", ratio=4),
-                                 DataSource("world:bison", ratio=2), DataSource("world:nlvr2", ratio=2)),
+        data=DataConfig(sources=(DataSource("world:caption", ratio=2), DataSource("world:dialogue/worked", ratio=4),
+                                 DataSource("world:bison/worked", ratio=3), DataSource("world:nlvr2/worked", ratio=3)),
                         max_len=512, group_by_length=True),
         optim=OptimConfig(lr_vision=0.0, lr_connector=1e-3, lr_lm=1e-3, warmup_steps=100, min_lr=0.05,
                           max_steps=1000, batch_size=32, clip=1.0, precision="fp32"),
@@ -75,7 +75,7 @@ PRESETS: dict[str, TrainConfig] = {
         stages=(Stage("perception", "perception", ("optim.lr_vision=1e-3", "optim.max_steps=3000",
                                                     "optim.batch_size=64", "optim.warmup_steps=50", "save_every=250")),
                 Stage("captions", "vlm", ("data=world:caption",)),
-                Stage("tasks", "vlm", ()))),
+                Stage("tasks", "vlm", ("optim.max_steps=1200",)))),
 }
 
 # Short names for the overrides people type most; anything else is a dotted path into TrainConfig.

@@ -1,5 +1,6 @@
 """The shapes world, with exact answers: scenes and their captions (`shapes`), the exact scorer and its readers of
-claims, captions and verdicts (`scoring`), BISON-style, NLVR2-style, caption and dialogue items (`tasks`), endless
+claims, captions and verdicts (`scoring`), BISON-style, NLVR2-style, caption and dialogue items (`tasks`), their
+worked answers (`worked`), the datasets on disk (`sets`), endless
 training streams, the world tokenizer and the evaluator used during training (`data`), tower pretraining on the
 world's object labels (`perception`), the exactly scored benchmark (`benchmark`) and `sparkles demo` (`demo`).
 

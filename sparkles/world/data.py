@@ -20,18 +20,22 @@ from ..train.records import STREAMS, Sample
 
 PREFIX = "world:"
 NOMINAL_SIZE = 10_000_000  # an endless stream, sized so that no run ever reaches the end of an "epoch"
+WORKED_TOKENS = 192  # room for a worked answer: five images described, then the verdict (~130 world-bpe tokens)
 
 
 class WorldSamples(Sequence):
     """Sample i of `kind`, drawn from its own seed on demand: nothing on disk, nothing repeats."""
 
     def __init__(self, kind: str, seed: int, *, turns: int = 2):
-        from .tasks import MAKERS, WorldConfig
+        from .tasks import FORMS, MAKERS, WorldConfig
 
-        if kind not in MAKERS:
-            raise ConfigError(f"unknown world source {PREFIX}{kind}; expected one of "
-                              f"{', '.join(PREFIX + k for k in MAKERS)}")
-        self.kind, self.seed, self.maker, self.config = kind, seed, MAKERS[kind], WorldConfig(turns=turns)
+        kind, _, form = kind.partition("/")  # "bison/worked": the kind, in one of FORMS
+        if kind not in MAKERS or (form and form not in FORMS):
+            raise ConfigError(f"unknown world source {PREFIX}{kind}{'/' if form else ''}{form}; expected one of "
+                              f"{', '.join(PREFIX + k for k in MAKERS)}, optionally with /{' or /'.join(FORMS)} "
+                              "(e.g. world:bison/worked)")
+        self.kind, self.seed, self.maker = kind, seed, MAKERS[kind]
+        self.config = WorldConfig(turns=turns, form=form or "short")
 
     def __len__(self) -> int:
         return NOMINAL_SIZE
@@ -99,7 +103,7 @@ def evaluate_world(chat, *, n: int = 50, seed: int = 1, batch: int = 32, blank: 
     from .scoring import object_counts
     from .tasks import make_eval_set, score
 
-    params = params or SamplingParams(max_new_tokens=64)
+    params = params or SamplingParams(max_new_tokens=WORKED_TOKENS)
     items = [blanked(i) if blank else i for i in make_eval_set(n, seed)]
     history = {i.id: [] for i in items}
     rows = []
@@ -160,7 +164,8 @@ def _tally(rows: list[dict]) -> tuple[dict[str, float], dict[str, int]]:
     return dict(sorted(accuracy.items())), dict(sorted(counts.items()))
 
 
-def evaluate_for_training(model, processor, *, n: int, seed: int, max_new_tokens: int = 48) -> dict[str, float]:
+def evaluate_for_training(model, processor, *, n: int, seed: int,
+                          max_new_tokens: int = WORKED_TOKENS) -> dict[str, float]:
     """The "world" evaluator of `train.evaluators`: n fresh items of each task type from `seed`, greedy, short and
     batched, on their images and again on grey ones (the blind baseline the first must beat). One flat row for
     metrics.jsonl, every value in [0, 1]: caption, caption_precision, caption_recall, bison, nlvr2,

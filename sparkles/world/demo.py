@@ -31,6 +31,7 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..model.checkpoint import is_untrained_default, load
     from ..session import ChatSession
+    from .data import WORKED_TOKENS
     from .tasks import WorldConfig, make_dialogue, score
 
     if args.turns < 2:
@@ -50,7 +51,7 @@ def run(args) -> int:
     users = [m for m in item.conversation if m.role == "user"]
     for turn, (message, truth) in enumerate(zip(users, item.truths), start=1):
         print(f"USER: {_with_files(message, files)}")
-        answer = session.answer(message, params=SamplingParams(max_new_tokens=80))
+        answer = session.answer(message, params=SamplingParams(max_new_tokens=WORKED_TOKENS))
         result = score(truth, answer)
         mark = "right" if result.correct else f"wrong, expected: {truth.answer}"
         print(f"SPARKLES: {answer}\n          ({mark})\n")

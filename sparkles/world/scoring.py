@@ -169,6 +169,11 @@ def verdict(answer: str, options: Callable[[str], set]) -> str:
     return sentences[-1] if sentences else text
 
 
+# What a worked answer of each kind names on its way to the verdict, and so what makes `verdict` look for one.
+_OPTIONS = {"bison": ("image",), "which": ("image",), "most": ("image",), "odd": ("image",), "nlvr2": ("value",),
+            "count": ("number",), "total": ("number",), "share": ("color", "shape")}
+
+
 def score(truth: Truth, answer: str) -> Score:
     """Check what `answer` claims against `truth`; case, punctuation and extra words do not matter.
 
@@ -181,8 +186,9 @@ def score(truth: Truth, answer: str) -> Score:
     - caption: for each image, the objects claimed (shape, colour, size, with counts, in any order) and the
       background are exactly the scene's; an image's description is what follows its IMAGE#k (see `_captions`).
     - nlvr2: exactly one of true/false.
-    A bison or nlvr2 answer is read at its `verdict`; one containing "therefore" is read as the original extractor
-    reads it (spec §9.7), and one it cannot read is wrong.
+    An answer of a kind that compares or counts is read at its `verdict` (`worked.py`: "IMAGE#1 shows …. IMAGE#2
+    shows …. So IMAGE#2 has more red circles: two."); a bison or nlvr2 answer containing "therefore" is read as the
+    original extractor reads it (spec §9.7), and one it cannot read is wrong.
     """
     kind, text = truth.kind, " ".join(answer.lower().split())
     if kind in ("bison", "nlvr2") and "therefore" in text:
@@ -192,8 +198,8 @@ def score(truth: Truth, answer: str) -> Score:
         expected = options[0] if (truth.images[0] == "1" if kind == "bison" else truth.value) else options[1]
         found = extract_option(text, options)
         return Score(found == expected, expected, found, kind)
-    if kind in ("bison", "nlvr2"):
-        answer = verdict(answer, lambda t: read_claims(t)["image" if kind == "bison" else "value"])
+    if kind in _OPTIONS:
+        answer = verdict(answer, lambda t: set().union(*(read_claims(t)[k] for k in _OPTIONS[kind])))
     claims = read_claims(answer)
     inside = claims["image"] <= set(truth.images)
     if kind in ("which", "most", "odd", "bison"):

@@ -279,6 +279,13 @@ STATEMENTS = ("more", "both", "neither", "exactly", "total", "same", "only", "ba
 def statement(rng: random.Random, pair: tuple[Scene, Scene], template: str, want: bool,
               config: SceneConfig = SceneConfig()) -> str | None:
     """A sentence from `template` that is `want` about (left, right), or None when this draw is not."""
+    said = claim(rng, pair, template, want, config)
+    return said and said[0]
+
+
+def claim(rng: random.Random, pair: tuple[Scene, Scene], template: str, want: bool,
+          config: SceneConfig = SceneConfig()) -> tuple[str, dict[str, str] | None] | None:
+    """`statement`, with what it counts (`count` keywords), or None for the background template."""
     side = rng.randrange(2)
     s, o = ("left", "right")[side], ("left", "right")[1 - side]
     attr = rng.choice(({"color": rng.choice(config.colors)}, {"shape": rng.choice(config.shapes)},
@@ -289,8 +296,8 @@ def statement(rng: random.Random, pair: tuple[Scene, Scene], template: str, want
         real = cs if template == "exactly" else cs + co
         n = real if want else (real + 1 if real == 0 or rng.random() < 0.5 else real - 1)
         if template == "total":
-            return f"The two images have {number_word(n)} {noun(n, **attr)} in total."
-        return f"The {s} image has {'exactly ' if n else ''}{number_word(n)} {noun(n, **attr)}."
+            return f"The two images have {number_word(n)} {noun(n, **attr)} in total.", attr
+        return f"The {s} image has {'exactly ' if n else ''}{number_word(n)} {noun(n, **attr)}.", attr
     kind = rng.choice(config.backgrounds)
     sentence, true = {
         "more": (f"The {s} image has more {things} than the {o} image.", cs > co),
@@ -300,4 +307,4 @@ def statement(rng: random.Random, pair: tuple[Scene, Scene], template: str, want
         "only": (f"Only the {s} image has {thing}.", cs > 0 and co == 0),
         "background": (f"Both images have a {kind} background.", all(p.background.kind == kind for p in pair)),
     }[template]
-    return sentence if true == want else None
+    return (sentence, None if template == "background" else attr) if true == want else None

@@ -17,12 +17,14 @@ from typing import NamedTuple
 
 from ..conversation import SLOT, Conversation, Image, Message, user_message
 from ..errors import ConfigError
-from . import shapes
+from . import shapes, worked
 from .scoring import Score, Truth, score
 from .shapes import Scene, SceneConfig, caption, count, noun, number_word, with_article
 
 __all__ = ["Item", "Score", "Truth", "WorldConfig", "make_eval_set", "score"]
-FORMS = ("short", "original")  # BISON/NLVR2: our one-sentence training form, or the spec §9.6 prompt
+# Short questions with one-sentence answers; the spec §9.6 prompts with their step-by-step answers; or short
+# questions with worked answers (`worked.py`: BISON, NLVR2 and the dialogue kinds that compare or count).
+FORMS = ("short", "original", "worked")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Q(NamedTuple):
     text: str
     truth: Truth
     again: Callable[[str], Q | None] | None = None  # the same question about another image ("And in IMAGE#3?")
+    worked: str | None = None  # the worked answer, where the builder knows better than `worked.dialogue`
 
 
 def _count_q(rng, scenes, labels, attr=None, text=None) -> Q:
@@ -225,7 +228,10 @@ def _item(item_id: str, kind: str, scenes, turns: list[tuple[list[str], Q]], con
     messages, known = [], []
     for new, q in turns:
         images = [_image(scenes[b], config.image_size) for b in new]
-        messages += [user_message(q.text, images, known=known), Message.text_only("assistant", q.truth.answer)]
+        said = q.truth.answer
+        if config.form == "worked" and q.truth.kind in worked.WORKED_KINDS:
+            said = q.worked or worked.dialogue(said, scenes, q.text, known)
+        messages += [user_message(q.text, images, known=known), Message.text_only("assistant", said)]
         known += new
     return Item(item_id, kind, Conversation(tuple(messages), meta or {}), tuple(q.truth for _, q in turns),
                 tuple(scenes.values()))
@@ -241,10 +247,11 @@ def make_bison(rng: random.Random, config: WorldConfig = WorldConfig(), *, item_
     pair = (true, other) if label == "1" else (other, true)
     text = caption(true)
     if config.form == "original":
-        prompt, answer = PROMPT, f"{_steps(pair)} (IMAGE#1 or IMAGE#2) is IMAGE#{label}."
+        prompt, answer = PROMPT, f"{worked.steps(pair)} (IMAGE#1 or IMAGE#2) is IMAGE#{label}."
     else:
         prompt, answer = "Which image matches the caption '{}': IMAGE#1 or IMAGE#2?", f"IMAGE#{label} matches it."
-    q = Q(prompt.format(text).replace(SLOT, ""), Truth("bison", answer, (label,)))
+    q = Q(prompt.format(text).replace(SLOT, ""), Truth("bison", answer, (label,)),
+          worked=worked.bison(pair, text, label))
     return _item(item_id, "bison", {"1": pair[0], "2": pair[1]}, [(["1", "2"], q)], config, {"caption": text})
 
 
@@ -252,24 +259,19 @@ def make_nlvr2(rng: random.Random, config: WorldConfig = WorldConfig(), *, item_
     """A statement about a left and a right image, true or false; each template is true half of the time."""
     from ..eval.tasks.nlvr2 import PROMPT
 
-    want, template, sentence = rng.random() < 0.5, rng.choice(shapes.STATEMENTS), None
-    while sentence is None:  # new pairs until this template can say something `want`-true about one
+    want, template, said = rng.random() < 0.5, rng.choice(shapes.STATEMENTS), None
+    while said is None:  # new pairs until this template can say something `want`-true about one
         pair = (shapes.sample_scene(rng, config.scene), shapes.sample_scene(rng, config.scene))
-        sentence = next((s for _ in range(20) if (s := shapes.statement(rng, pair, template, want, config.scene))),
-                        None)
+        said = next((c for _ in range(20) if (c := shapes.claim(rng, pair, template, want, config.scene))), None)
+    sentence, attr = said
     value = "TRUE" if want else "FALSE"
     if config.form == "original":
-        prompt, answer = PROMPT, f"{_steps(pair)} (TRUE or FALSE) is {value}."
+        prompt, answer = PROMPT, f"{worked.steps(pair)} (TRUE or FALSE) is {value}."
     else:
         prompt, answer = "Left: IMAGE#1. Right: IMAGE#2. True or false: {}", f"{value.capitalize()}."
-    q = Q(prompt.format(sentence).replace(SLOT, ""), Truth("nlvr2", answer, ("1", "2"), value=want))
+    q = Q(prompt.format(sentence).replace(SLOT, ""), Truth("nlvr2", answer, ("1", "2"), value=want),
+          worked=worked.nlvr2(pair, attr, want))
     return _item(item_id, "nlvr2", {"1": pair[0], "2": pair[1]}, [(["1", "2"], q)], config, {"sentence": sentence})
-
-
-def _steps(pair: tuple[Scene, Scene]) -> str:
-    """The reasoning the original prompts ask for, up to its last words: each image's caption, then the verdict."""
-    said = " ".join(f"IMAGE#{k + 1} shows {caption(s)}." for k, s in enumerate(pair))
-    return f"Let's think step by step. {said} Therefore, the answer"
 
 
 MAKERS = {"caption": make_caption, "dialogue": make_dialogue, "bison": make_bison, "nlvr2": make_nlvr2}
