@@ -214,3 +214,31 @@ def test_the_lm_loads_straight_in_the_target_dtype(tmp_path, monkeypatch, dtype)
     full, _ = load_checkpoint(tmp_path / "full", dtype=dtype)
     assert {p.dtype for p in full.lm.parameters()} == {dtype}
     assert torch.allclose(full.lm.lm_head.weight.float(), model.lm.lm_head.weight.to(dtype).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_the_towers_are_made_and_read_in_the_target_dtype(tmp_path, monkeypatch, dtype):
+    """The HF tower is asked for the dtype by transformers' own loader; the BLIP-2 tower (our module) is made in it:
+    neither holds an fp32 copy on the way. The default dtype is left as it was."""
+    from transformers import CLIPVisionModel
+
+    from sparkles.model.vision import build_vision
+
+    clip, _ = hf_parts(tmp_path)
+    real, asked = CLIPVisionModel.from_pretrained, []
+
+    def spy(*args, **kwargs):
+        tower = real(*args, **kwargs)
+        asked.append((kwargs.get("dtype"), {p.dtype for p in tower.parameters()}))
+        return tower
+
+    monkeypatch.setattr(CLIPVisionModel, "from_pretrained", spy)
+    tower = build_vision(VisionConfig(kind="hf", path=clip, image_size=32), dtype=dtype)
+    assert asked == [(dtype, {dtype})] and {p.dtype for p in tower.parameters()} == {dtype}
+    made = []
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: made.append(self.weight.dtype))
+    blip2 = build_vision(VisionConfig(kind="blip2", config=tiny_blip2_config().to_dict(), image_size=32), dtype=dtype)
+    assert set(made) == {dtype} and {p.dtype for p in blip2.parameters()} == {dtype}
+    assert torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in build_vision(VisionConfig(kind="blip2", config=tiny_blip2_config().to_dict(),
+                                                       image_size=32)).parameters()} == {torch.float32}

@@ -53,13 +53,13 @@ class MixedTower(nn.Module):
         return x
 
 
-def build_towers(config: VisionConfig, *, load_weights: bool = True) -> nn.Module:
+def build_towers(config: VisionConfig, *, load_weights: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """The tower a config names, or, with `extra`, the mixed towers; a lone tower is built exactly as before."""
     if config.extra is None:
-        return build_vision(config, load_weights=load_weights)
+        return build_vision(config, load_weights=load_weights, dtype=dtype)
     main_config = dataclasses.replace(config, extra=None)
-    main = build_vision(main_config, load_weights=load_weights)
-    extra = build_towers(config.extra, load_weights=load_weights)
+    main = build_vision(main_config, load_weights=load_weights, dtype=dtype)
+    extra = build_towers(config.extra, load_weights=load_weights, dtype=dtype)
     return MixedTower(main, extra, main_config=main_config, extra_config=config.extra)
 
 

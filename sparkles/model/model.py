@@ -95,11 +95,12 @@ def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=Non
                 device: str | torch.device | None = None) -> tuple[VisionLanguageModel, Processor]:
     """Build model and processor from a config; `load_weights=False` builds the structure only (random weights).
 
-    `dtype` and `device` say where the LM is made (see `_build_lm`); the caller moves the other parts."""
+    `dtype` is the one the towers and the LM are made in; `device` says where the LM is read to (see `_build_lm`);
+    the caller moves the other parts."""
     if tokenizer is None:
         tokenizer = _tokenizer(config)
     processor = Processor(tokenizer, config)
-    vision = build_towers(config.vision, load_weights=load_weights)
+    vision = build_towers(config.vision, load_weights=load_weights, dtype=dtype)
     lm = _build_lm(config, len(tokenizer), load_weights, dtype=dtype, device=device)
     width = lm.get_input_embeddings().embedding_dim
     connector_cls = CONNECTORS.get(config.connector)

@@ -7,6 +7,7 @@ the merge into the LM live in `model.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Protocol
@@ -87,19 +88,35 @@ class Blip2Tower(nn.Module):
                             encoder_attention_mask=mask).last_hidden_state  # (N, 32, 768)
 
 
-def build_vision(config: VisionConfig, *, load_weights: bool = True) -> nn.Module:
-    """The tower a config names; pretrained weights are read only when `load_weights` and a path is given."""
+def build_vision(config: VisionConfig, *, load_weights: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """The tower a config names; pretrained weights are read only when `load_weights` and a path is given.
+
+    `dtype` is the one its weights are made and read in: a BLIP-2 ViT-g read in fp32 and cast afterwards would
+    hold 4 GB on the way. None keeps the default (fp32)."""
     if config.kind == "tiny":
-        return TinyViT(image_size=config.image_size, **config.config)
+        return TinyViT(image_size=config.image_size, **config.config).to(dtype=dtype)  # small: made, then cast
     if config.kind == "blip2":
-        return _build_blip2(config, load_weights)
+        with _made_in(dtype):
+            return _build_blip2(config, load_weights)
     if config.kind == "hf":
-        return HFVisionTower(_hf_vision_model(config, load_weights), image_size=config.image_size,
+        return HFVisionTower(_hf_vision_model(config, load_weights, dtype), image_size=config.image_size,
                              feature_layer=config.feature_layer, drop_cls=config.drop_cls)
     raise ConfigError(f"unknown vision kind {config.kind!r}; expected tiny, hf or blip2")
 
 
-def _hf_vision_model(config: VisionConfig, load_weights: bool) -> nn.Module:
+@contextlib.contextmanager
+def _made_in(dtype: torch.dtype | None):
+    """Parameters created inside are made in `dtype` (the BLIP-2 tower is our own module, not from_pretrained)."""
+    old = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _hf_vision_model(config: VisionConfig, load_weights: bool, dtype: torch.dtype | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 
     # A full CLIP/SigLIP checkpoint holds a text tower too; these classes load just the vision half of it.
@@ -107,14 +124,14 @@ def _hf_vision_model(config: VisionConfig, load_weights: bool) -> nn.Module:
     if config.path and load_weights:
         kind = AutoConfig.from_pretrained(config.path).model_type
         cls = vision_only.get(kind, AutoModel)
-        return _from_pretrained(cls, config.path)
+        return _from_pretrained(cls, config.path, dtype)
     if not config.config:
         raise ConfigError("vision kind 'hf' needs a path to pretrained weights or a config to build from")
     fields = dict(config.config)
     hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     if hasattr(hf_config, "vision_config"):
         hf_config = hf_config.vision_config
-    return AutoModel.from_config(hf_config)
+    return AutoModel.from_config(hf_config, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def _build_blip2(config: VisionConfig, load_weights: bool) -> Blip2Tower:
@@ -154,8 +171,8 @@ def _load_blip2_weights(tower: Blip2Tower, folder: Path) -> None:
     tower.load_state_dict(state)
 
 
-def _from_pretrained(cls, path: str) -> nn.Module:
+def _from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> nn.Module:
     try:
-        return cls.from_pretrained(path)
+        return cls.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
     except OSError as e:
         raise CheckpointError(f"cannot load pretrained weights from {path!r}: {e}") from None
