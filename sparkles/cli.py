@@ -26,6 +26,8 @@ FEATURE_COMMANDS = {
     "web": ("serve.webui", "a web UI for multi-image chat"),
     "export": ("model.export", "write a checkpoint in the HF LLaVA layout (transformers, vLLM, SGLang)"),
     "merge": ("model.merge", "mix the weights of checkpoints of one architecture (SPHINX's weight mixing)"),
+    "visual-cache": ("model.visual_cache_cli", "ImageBind-LLM's visual cache: build one from a folder of images, or "
+                     "switch it on in a copy of a checkpoint"),
 }
 
 
@@ -281,12 +283,54 @@ def _run_render(args) -> int:
               "llava": formats.from_llava}[args.format]
     conversation = reader(records[args.index])
     processor = load_processor(args.model)
+    if processor.views > 1:
+        conversation = _with_sizes(conversation, args.file)
     rendered = processor.render(conversation, loss_on=args.loss_on)
     supervised = sum(label != -100 for label in rendered.labels)
     print(processor.visualize(rendered, color=args.color))
     print(f"\n{len(rendered)} tokens, {supervised} with loss, {len(rendered.image_starts)} images × "
-          f"{processor.config.tokens_per_image} tokens at {rendered.image_starts}")
+          f"{processor.config.tokens_per_image} tokens" + (" a view" if processor.views > 1 else "")
+          + f" at {rendered.image_starts}")
+    if processor.views > 1:
+        _print_tiles(processor, conversation, rendered)
     return 0
+
+
+def _with_sizes(conversation, file: str):
+    """The conversation with its images loaded where they can be: which tiles are skipped depends on their sizes.
+    Images are looked for as written and next to the records' file; one that cannot be read shows every tile."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .conversation import Image, Message
+    from .errors import ImageLoadError
+    from .image import load_image
+
+    def load(part):
+        if not isinstance(part, Image) or part.pixels is not None or part.source is None:
+            return part
+        for root in (None, Path(file).parent):
+            try:
+                return replace(part, pixels=load_image(part.source, root=root).pixels)
+            except ImageLoadError:
+                continue
+        return part
+
+    return replace(conversation, messages=tuple(Message(m.role, tuple(load(p) for p in m.parts))
+                                                for m in conversation.messages))
+
+
+def _print_tiles(processor, conversation, rendered) -> None:
+    """Per image: its size, the global view and the tile grid (■ encoded, □ only padding: one skip token)."""
+    rows, cols = processor.config.tiles.grid
+    k = processor.config.tokens_per_image
+    for image, start in zip(conversation.slots, rendered.image_starts):
+        span, kept = processor.image_span(rendered.input_ids, start)
+        size = "{}×{}".format(*image.pixels.size) if image.pixels is not None else "size unknown: every tile counted"
+        print(f"{image.name} ({size}): global view + {rows}×{cols} tiles, {sum(kept)} encoded, "
+              f"{len(kept) - sum(kept)} skipped: {span} tokens = {1 + sum(kept)} × {k} + {len(kept) - sum(kept)}")
+        for r in range(rows):
+            print("    " + " ".join("■" if kept[r * cols + c] else "□" for c in range(cols)))
 
 
 def _run_convert(args) -> int:

@@ -60,6 +60,27 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """SPHINX's high resolution (`model/tiles.py`): each image is seen whole (the global view) and as a grid of
+    sub-image tiles of the same size, each encoded by the tower and the connector as an image of its own; the LM
+    gets K tokens per view, so an image costs (1 + rows × cols) × K tokens, less what skipped tiles save."""
+
+    grid: tuple[int, int] = (0, 0)  # (rows, cols) of tiles beside the global view; (0, 0) = off; SPHINX-1k: (2, 2)
+    skip_empty: bool = True  # SPHINX-X: a tile that holds only padding costs one learned skip token instead of K
+
+
+@dataclass(frozen=True)
+class VisualCacheConfig:
+    """ImageBind-LLM's visual cache (`model/visual_cache.py`), at inference only: an image's tower features are
+    blended with those of its k nearest images in a cache built from a folder: f' = (1 - w)·f + w·Σ softmax(t·s)ᵢ fᵢ."""
+
+    path: str | None = None  # a cache file from `sparkles visual-cache build`; None = off
+    k: int = 10  # neighbours blended in (ImageBind-LLM's cache_size)
+    weight: float = 0.5  # w, the share of the neighbours' features (cache_weight); 0 leaves features unchanged
+    temperature: float = 20.0  # t, on cosine similarities (cache_t)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vision: VisionConfig = VisionConfig()
     language: LanguageConfig = LanguageConfig()
@@ -72,6 +93,13 @@ class ModelConfig:
     max_seq_len: int = 2048  # prompt + answer, in tokens
     trainable: tuple[str, ...] = ("connector",)  # parts that learn: any of vision, connector, lm
     lora: LoraConfig = LoraConfig()  # adapters on the frozen LM; part of the model's structure, so saved with it
+    tiles: TileConfig = TileConfig()  # sub-image tiles and skip tokens (SPHINX / SPHINX-X); off by default
+    visual_cache: VisualCacheConfig = VisualCacheConfig()  # ImageBind-LLM's training-free cache; off by default
+    # How the LM attends (model/attention.py). "causal": the LM's own attention, unchanged. "mmca": DeepSpeed-
+    # VisualChat's multi-modal causal attention as its blog states it: text rows add a softmax over earlier text to
+    # one over earlier image tokens; image rows see image tokens only. "mmca-image-sees-text": as its code does it,
+    # image rows also see earlier text. Both MMCA forms need no new weights, but no fused kernel fits them.
+    attention: Literal["causal", "mmca", "mmca-image-sees-text"] = "causal"
 
 
 # Bounds of SamplingParams: OpenAI's 4 stop sequences (each at most MAX_STOP_CHARS long, so that checking each new

@@ -20,7 +20,7 @@ import torch
 from .config import SamplingParams
 from .errors import ConfigError, ContextLengthError
 from .generate import Chat, sample
-from .prefix import PrefixCache, image_keys
+from .prefix import PrefixCache, image_keys, kinds_mask, lm_masks
 from .prefix import pad_left as _pad
 from .prefix import plain_layer as _plain
 from .processor import Encoded, TextStream
@@ -264,8 +264,8 @@ class Engine:
             prompts = [self.chat.embed(r.encoded, start) for r, _ in group]  # [(1, T, D), (1, S)]
             width = max(e.shape[1] for e, _ in prompts)
             embeds = torch.cat([_pad(e, width, dim=1) for e, _ in prompts])  # (B, T, D)
-            mask = torch.cat([_pad(torch.ones(1, start + e.shape[1], dtype=torch.long, device=e.device),
-                                   start + width, dim=1) for e, _ in prompts])  # (B, start + T)
+            mask = torch.cat([_pad(kinds_mask(self.chat.model, r.encoded.rendered.input_ids, e.device), start + width,
+                                   dim=1) for (r, _), (e, _) in zip(group, prompts)])  # (B, start + T), 2 = image
             # A copy of the entry's first `start` positions: entries are never written.
             cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None)
             logits = self._forward(embeds, mask, cache)
@@ -303,9 +303,9 @@ class Engine:
 
     def _forward(self, inputs: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """(B, T, D) new positions on top of `cache` -> (B, V) logits of the last one."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
-        out = self.chat.model.lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        positions = (mask.clamp(max=1).cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]  # MMCA marks images 2
+        out = self.chat.model.lm(inputs_embeds=inputs, position_ids=positions, past_key_values=cache, use_cache=True,
+                                 logits_to_keep=1, **lm_masks(self.chat.model, mask))
         return out.logits[:, -1].float()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:

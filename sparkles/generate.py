@@ -14,6 +14,7 @@ import torch
 from .config import GREEDY_BELOW, SamplingParams
 from .conversation import Conversation, Message, Text
 from .errors import ContextLengthError
+from .model.attention import lm_kwargs
 from .processor import Processor, TextStream
 
 
@@ -28,6 +29,9 @@ class KVCache:
     # (B, length) which cached positions are real: a cache kept from a left-padded batch must not attend to its
     # padding in later calls. None means every position is real.
     mask: torch.Tensor | None = None
+    # (B, length) which cached positions hold image tokens: MMCA's text rows attend to them apart, so every later
+    # call needs them for the cached positions too. None under causal attention, which needs no such mask.
+    image: torch.Tensor | None = None
 
     @property
     def croppable(self) -> bool:
@@ -49,6 +53,7 @@ class KVCache:
         self.length = length
         self.token_ids = self.token_ids[:length]
         self.mask = None if self.mask is None else self.mask[:, :length]
+        self.image = None if self.image is None else self.image[:, :length]
 
     def attended(self, batch: int, device) -> torch.Tensor:
         """(B, length) mask of the cached positions."""
@@ -89,15 +94,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 @torch.inference_mode()
 def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask: torch.Tensor | None = None,
              stop_ids: tuple[int, ...] = (), suppress_ids: tuple[int, ...] = (), cache: KVCache | None = None,
-             seen: torch.Tensor | None = None, use_cache: bool = True,
-             input_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+             seen: torch.Tensor | None = None, use_cache: bool = True, input_ids: torch.Tensor | None = None,
+             image_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield (B,) next-token ids until every row has hit a stop id or `max_new_tokens` are out.
 
     `embeds` (B, T, D) are the new positions, after whatever `cache` holds; rows are left-padded with
     `attention_mask` (B, T). Finished rows keep yielding their stop id. With `use_cache=False` every step re-runs
     the whole sequence: slow, and kept as the reference the cached path is tested against. `input_ids` (1, T),
     the ids behind `embeds`, are recorded in `cache.token_ids` with every token fed back, so that a session knows
-    what its cache holds. The last token yielded is not fed, so the cache never holds it.
+    what its cache holds. The last token yielded is not fed, so the cache never holds it. `image_mask` (B, T) marks
+    the image tokens among the new positions, for MMCA (`VisionLanguageModel.image_positions`); None for causal.
     """
     from transformers import DynamicCache
 
@@ -108,6 +114,11 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     device = embeds.device
     fresh = attention_mask if attention_mask is not None else torch.ones(batch, new, dtype=torch.long, device=device)
     mask = torch.cat([cache.attended(batch, device), fresh.to(device, torch.long)], dim=1)  # (B, L + T)
+    images = None  # (B, L + T) image positions, cached ones included; generated tokens are text
+    if image_mask is not None:
+        assert cache.image is not None or not cache.length, "an MMCA cache must know which positions are images"
+        held = cache.image if cache.image is not None else image_mask.new_zeros(batch, 0)
+        images = torch.cat([held.to(device), image_mask.to(device, torch.bool)], dim=1)
     record = input_ids is not None and batch == 1  # token ids are kept for one-row caches only
     generator = None
     if params.seed is not None:
@@ -120,13 +131,15 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if use_cache:
             out = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1]:],
-                     past_key_values=cache.past, use_cache=True, logits_to_keep=1)
+                     past_key_values=cache.past, use_cache=True, logits_to_keep=1, **lm_kwargs(images))
             cache.length += inputs.shape[1]
             cache.mask = mask if (cache.mask is not None or attention_mask is not None) else None
+            cache.image = images
             if record:
                 cache.token_ids += input_ids[0].tolist()
         else:
-            out = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False)
+            out = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False,
+                     **lm_kwargs(images))
         logits = out.logits[:, -1]  # (B, V)
         if suppress_ids:  # ids past the LM's vocabulary (added tokens it never had) cannot come out anyway
             logits[:, [i for i in suppress_ids if i < logits.shape[-1]]] = float("-inf")
@@ -142,6 +155,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         inputs = table(input_ids)  # (B, 1, D)
         history = inputs if use_cache else torch.cat([history, inputs], dim=1)  # only the reference path re-reads it
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+        images = None if images is None else torch.cat([images, images.new_zeros(batch, 1)], dim=1)
 
 
 def deltas(tokens: Iterator[torch.Tensor], stream: TextStream, stop_ids: tuple[int, ...]) -> Iterator[str]:
@@ -176,12 +190,12 @@ class Chat:
     @torch.inference_mode()
     def stream(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Iterator[str]:
         """Text deltas of the answer to a conversation that ends with a user message."""
-        embeds, text_ids = self._prompt(conversation)
+        embeds, text_ids, images = self._prompt(conversation)
         room = self.processor.config.max_seq_len - embeds.shape[1]
         budget = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room)})
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
         yield from deltas(generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids,
-                                   suppress_ids=(self.model.image_token_id,), seen=text_ids),
+                                   suppress_ids=(self.model.image_token_id,), seen=text_ids, image_mask=images),
                           stream, self.processor.stop_ids)
 
     def answer(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> str:
@@ -191,19 +205,20 @@ class Chat:
     def answer_batch(self, conversations: list[Conversation], params: SamplingParams = SamplingParams()) -> list[str]:
         """Answers to several conversations at once, left-padded into one batch; each row stops on its own."""
         rows = [self._prompt(c) for c in conversations]
-        width = max(e.shape[1] for e, _ in rows)
-        embeds = torch.cat([nn_pad_left(e, width) for e, _ in rows])  # (B, T, D)
-        mask = torch.cat([nn_pad_left(torch.ones(1, e.shape[1], dtype=torch.long), width) for e, _ in rows])
+        width = max(e.shape[1] for e, _, _ in rows)
+        embeds = torch.cat([nn_pad_left(e, width) for e, _, _ in rows])  # (B, T, D)
+        mask = torch.cat([nn_pad_left(torch.ones(1, e.shape[1], dtype=torch.long), width) for e, _, _ in rows])
+        images = None if rows[0][2] is None else torch.cat([nn_pad_left(i, width) for _, _, i in rows])  # (B, T)
         # Padding the penalty's history with a token the row already has leaves the penalty exactly as for one row.
-        longest = max(ids.shape[1] for _, ids in rows)
-        seen = torch.cat([nn_pad_left(ids, longest, value=int(ids[0, 0])) for _, ids in rows])
+        longest = max(ids.shape[1] for _, ids, _ in rows)
+        seen = torch.cat([nn_pad_left(ids, longest, value=int(ids[0, 0])) for _, ids, _ in rows])
         room = self.processor.config.max_seq_len - width
         budget = SamplingParams(**{**params.__dict__, "max_new_tokens": max(1, min(params.max_new_tokens, room))})
         streams = [TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop) for _ in rows]
         done = [False] * len(rows)
         for tokens in generate(self.model.lm, embeds, budget, attention_mask=mask.to(embeds.device),
                                stop_ids=self.processor.stop_ids, suppress_ids=(self.model.image_token_id,),
-                               seen=seen.to(embeds.device)):
+                               seen=seen.to(embeds.device), image_mask=images):
             for i, token in enumerate(tokens.tolist()):
                 if done[i]:
                     continue
@@ -216,12 +231,14 @@ class Chat:
                 break
         return [s.text.strip() for s in streams]
 
-    def _prompt(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings (1, T, D) and the prompt's text ids (1, S) for the repetition penalty."""
+    def _prompt(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings (1, T, D), the prompt's text ids (1, S) for the repetition penalty, and its image
+        positions (1, T) for MMCA (None under causal attention)."""
         encoded = self.processor.encode(conversation, generation=True)
         if len(encoded.rendered) >= self.processor.config.max_seq_len:
             raise ContextLengthError(f"no room left to answer: the prompt fills all {len(encoded.rendered)} positions")
-        return self.embed(encoded)
+        ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
+        return *self.embed(encoded), self.model.image_positions(ids)
 
     def embed(self, encoded, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (1, T - start, D) of an encoded prompt past its first `start` positions (a cached prefix: only

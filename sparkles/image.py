@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -66,16 +67,21 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float = 10.0,
     root: str | os.PathLike | None = None,
+    check_size: Callable[[tuple[int, int]], None] | None = None,
 ) -> LoadedImage:
-    """Load `source` (a path, bytes, data: URI, http(s) URL or PIL image) as RGB pixels; see the module docstring."""
+    """Load `source` (a path, bytes, data: URI, http(s) URL or PIL image) as RGB pixels; see the module docstring.
+
+    `check_size((width, height))` runs on the size the header gives, before any pixel is decoded, and may raise: a
+    caller's own budget (the server's pixels per request) refuses a large image at the cost of reading its header."""
     if isinstance(source, Image.Image):
-        pixels = _decode(lambda: source, "<PIL image>", max_pixels)  # loads it, so tobytes() below is cheap
+        # _decode loads it, so tobytes() below is cheap
+        pixels = _decode(lambda: source, "<PIL image>", max_pixels, check_size)
         digest = hashlib.sha256(f"{source.mode} {source.width}x{source.height}\n".encode())
         digest.update(bytes(source.getpalette() or ()) if source.mode == "P" else b"")  # indices alone say little
         digest.update(source.tobytes())
         return LoadedImage(pixels, digest.hexdigest(), "<PIL image>")
     data, label = _read_source(source, allow_http, max_bytes, timeout, root)
-    pixels = _decode(lambda: Image.open(io.BytesIO(data)), label, max_pixels)
+    pixels = _decode(lambda: Image.open(io.BytesIO(data)), label, max_pixels, check_size)
     return LoadedImage(pixels, image_sha256(data), label)
 
 
@@ -272,7 +278,7 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
         )
 
 
-def _decode(open_image, label: str, max_pixels: int) -> Image.Image:
+def _decode(open_image, label: str, max_pixels: int, check_size=None) -> Image.Image:
     """Open, size-check, decode and orient an image; `open_image` runs inside the error handling."""
     with warnings.catch_warnings():
         # PIL only warns between MAX_IMAGE_PIXELS and twice that; make it refuse instead, without touching the global.
@@ -280,6 +286,8 @@ def _decode(open_image, label: str, max_pixels: int) -> Image.Image:
         try:
             image = open_image()
             _check_pixels(image.size, label, max_pixels)  # the header alone gives the size: nothing is decoded yet
+            if check_size is not None:
+                check_size(image.size)
             image.load()
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model.attention import lm_kwargs
+
 
 @dataclass(frozen=True)
 class Prefix:
@@ -129,3 +131,16 @@ def pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def kinds_mask(model, ids: list[int], device) -> torch.Tensor:
+    """(1, T) long batch mask of a prompt: 1 at every position, but 2 at image positions under MMCA, so that the
+    left padding, merging and dropping of rows carry where the images are along with which positions are real."""
+    image = model.image_positions(torch.tensor([ids], device=device))
+    return torch.ones(1, len(ids), dtype=torch.long, device=device) if image is None else 1 + image.long()
+
+
+def lm_masks(model, mask: torch.Tensor) -> dict:
+    """The LM forward's masks from a (B, L) batch mask of `kinds_mask` rows and generated tokens (1s: text)."""
+    image = None if model.config.attention == "causal" else mask == 2
+    return {"attention_mask": mask.clamp(max=1), **lm_kwargs(image)}

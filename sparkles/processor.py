@@ -1,8 +1,9 @@
 """The one renderer that training and chat share: conversation -> input_ids, labels, image slots, pixel values.
 
-Also the image transform, the debug view of a rendering, and streaming detokenization. The model is not here: this
-is CPU-side preparation. Text is tokenized in runs between image slots and turn breaks; labels come from character
-offsets, so a token carries loss exactly when it covers characters of an assistant's answer.
+Also the image transform (with SPHINX's sub-image tiles: which tiles hold only padding, and the views' pixels), the
+debug view of a rendering, and streaming detokenization. The model is not here: this is CPU-side preparation. Text
+is tokenized in runs between image slots and turn breaks; labels come from character offsets, so a token carries
+loss exactly when it covers characters of an assistant's answer.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from PIL import Image as PILImage
 
 from .config import ModelConfig, VisionConfig
 from .conversation import Conversation, Image, validate
-from .errors import ContextLengthError, InputError
+from .errors import ConfigError, ContextLengthError, InputError
 from .template import ChatTemplate, LossOn, Piece, SparklesTemplate
 from .tokenizer import ensure_special_token
 
 IGNORE = -100
+SKIP_TOKEN = "<tile_skip>"  # SPHINX-X: stands where a tile holds only padding; the model writes a learned vector there
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,13 @@ class Processor:
         self.tokenizer = tokenizer
         self.config = config
         self.image_token_id = ensure_special_token(tokenizer, config.image_token)
+        rows, cols = config.tiles.grid
+        if (rows > 0) != (cols > 0) or rows < 0 or cols < 0:
+            raise ConfigError(f"tiles.grid must be (0, 0) (off) or two positive numbers, got {config.tiles.grid}")
+        self.views = 1 + rows * cols  # per image: the global view, then the tiles row by row
+        # The skip token is only added when used: a model without it keeps its tokenizer (and vocabulary) as it was.
+        skips = self.views > 1 and config.tiles.skip_empty
+        self.skip_token_id = ensure_special_token(tokenizer, SKIP_TOKEN) if skips else None
         if config.template == "sparkles":
             self.template = SparklesTemplate(system=config.system_prompt)
         else:
@@ -80,8 +89,9 @@ class Processor:
                 run = []
             if piece.slot is not None:
                 starts.append(len(ids))
-                ids += [self.image_token_id] * self.config.tokens_per_image
-                labels += [IGNORE] * self.config.tokens_per_image
+                image = self.image_tokens(conversation.slots[piece.slot])
+                ids += image
+                labels += [IGNORE] * len(image)
             elif piece.text:
                 run.append(piece)
         limit = self.config.max_seq_len - (1 if generation else 0)
@@ -89,6 +99,34 @@ class Processor:
             raise ContextLengthError(f"the conversation is {len(ids)} tokens long, more than the {limit} this model "
                                      f"takes (max_seq_len {self.config.max_seq_len}); shorten it or start anew")
         return Rendered(ids, labels, starts)
+
+    def image_tokens(self, image: Image) -> list[int]:
+        """The ids of one image slot: K image tokens per view, and one skip token for each skipped tile."""
+        k = self.config.tokens_per_image
+        ids = [self.image_token_id] * k
+        for kept in self.tiles(image):
+            ids += [self.image_token_id] * k if kept else [self.skip_token_id]
+        return ids
+
+    def tiles(self, image: Image) -> tuple[bool, ...]:
+        """Per tile, row by row: True where the tower encodes it, False where it holds only padding and is skipped."""
+        grid = self.config.tiles.grid
+        if self.views == 1:
+            return ()
+        if self.skip_token_id is None or image.pixels is None:
+            # Without the image's size every tile counts: the most the image can cost, which is what length
+            # estimates want; a model fed such a rendering with the real pixels says that they disagree.
+            return (True,) * (self.views - 1)
+        return tile_layout(image.pixels.size, grid, self.config.vision.image_size)
+
+    def image_span(self, ids: Sequence[int], start: int) -> tuple[int, tuple[bool, ...]]:
+        """How many positions the image whose tokens begin at `start` takes, and which of its tiles are encoded."""
+        k, pos, kept = self.config.tokens_per_image, start + self.config.tokens_per_image, []
+        for _ in range(self.views - 1):
+            skipped = self.skip_token_id is not None and pos < len(ids) and ids[pos] == self.skip_token_id
+            kept.append(not skipped)
+            pos += 1 if skipped else k
+        return pos - start, tuple(kept)
 
     def _tokenize_run(self, run: list[Piece], ids: list[int], labels: list[int]) -> None:
         if not run:
@@ -131,7 +169,9 @@ class Processor:
             raise InputError(f"images without pixels: {', '.join(missing)}; load them first (image.load_image)")
         if not images:
             return None
-        return torch.stack([image_to_tensor(i.pixels, self.config.vision) for i in images])
+        if self.views > 1:
+            return torch.stack([image_to_views(i.pixels, self.config) for i in images])  # (N, V, 3, H, W)
+        return torch.stack([image_to_tensor(i.pixels, self.config.vision) for i in images])  # (N, 3, H, W)
 
     def encode(self, conversation: Conversation, *, generation: bool = False, loss_on: LossOn = "all") -> Encoded:
         rendered = self.render(conversation, generation=generation, loss_on=loss_on)
@@ -142,14 +182,21 @@ class Processor:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def visualize(self, rendered: Rendered, *, color: bool = False) -> str:
-        """The rendering as text: ⟦supervised⟧ tokens, and ⟨IMAGE k × K⟩ where each image's tokens sit."""
+        """The rendering as text: ⟦supervised⟧ tokens, and ⟨IMAGE k × K⟩ where each image's tokens sit (with tiles:
+        ⟨image k: global + R×C tiles ■■/□□, n tokens⟩, ■ an encoded tile and □ a skipped one)."""
         out, i, k = [], 0, 0
         on, off = ("\x1b[42m", "\x1b[0m") if color else ("⟦", "⟧")
         starts = set(rendered.image_starts)
         while i < len(rendered):
             if i in starts:
-                out.append(f"⟨image {k + 1} × {self.config.tokens_per_image} at {i}⟩")
-                i, k = i + self.config.tokens_per_image, k + 1
+                span, kept = self.image_span(rendered.input_ids, i)
+                if self.views == 1:
+                    out.append(f"⟨image {k + 1} × {self.config.tokens_per_image} at {i}⟩")
+                else:
+                    rows, cols = self.config.tiles.grid
+                    out.append(f"⟨image {k + 1}: global + {rows}×{cols} tiles {tile_map(kept, cols)}, "
+                               f"{span} tokens at {i}⟩")
+                i, k = i + span, k + 1
                 continue
             j = i
             supervised = rendered.labels[i] != IGNORE
@@ -164,9 +211,55 @@ class Processor:
 def image_to_tensor(pixels: PILImage.Image, config: VisionConfig) -> torch.Tensor:
     """Squash to a square with bicubic resampling and normalise, as the original's eval transform (spec §3.2)."""
     size = config.image_size
-    array = np.asarray(pixels.convert("RGB").resize((size, size), PILImage.BICUBIC), dtype=np.float32) / 255.0
+    array = _normalise(pixels.convert("RGB").resize((size, size), PILImage.BICUBIC), config)
+    return array.permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def _normalise(pixels: PILImage.Image, config: VisionConfig) -> torch.Tensor:
+    array = np.asarray(pixels, dtype=np.float32) / 255.0
     array = (array - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
+    return torch.from_numpy(array)  # (H, W, 3)
+
+
+def fit(size: tuple[int, int], grid: tuple[int, int], tile: int) -> tuple[int, int]:
+    """The (width, height) an image of `size` takes on the tiles' canvas: as large as fits, aspect kept."""
+    (width, height), (rows, cols) = size, grid
+    scale = min(cols * tile / width, rows * tile / height)
+    return max(1, min(cols * tile, round(width * scale))), max(1, min(rows * tile, round(height * scale)))
+
+
+def tile_layout(size: tuple[int, int], grid: tuple[int, int], tile: int) -> tuple[bool, ...]:
+    """Per tile of the canvas, row by row: does it hold part of the image (True) or only padding (False)?
+
+    The image sits in the canvas's top-left corner. SPHINX centres it, which splits the padding between two sides,
+    so that no tile is wholly padding until the aspect ratio passes 1 : 2·rows; in the corner the padding fills
+    whole tiles as soon as it can, and each of them costs one skip token instead of K.
+    """
+    (rows, cols), (width, height) = grid, fit(size, grid, tile)
+    return tuple(c * tile < width and r * tile < height for r in range(rows) for c in range(cols))
+
+
+def image_to_views(pixels: PILImage.Image, config: ModelConfig) -> torch.Tensor:
+    """(1 + rows·cols, 3, S, S): the global view (the image squashed, as without tiles, so a model trained without
+    tiles sees it as before), then the tiles of the image fitted into a (rows·S) × (cols·S) canvas padded with the
+    mean colour. A tile that holds only padding is NaN when skip_empty is on: the pixel values then say by
+    themselves which tiles the model skips, through every path that carries them (sessions, batches, caches)."""
+    vision, (rows, cols), size = config.vision, config.tiles.grid, config.vision.image_size
+    pixels = pixels.convert("RGB")
+    canvas = PILImage.new("RGB", (cols * size, rows * size), tuple(round(255 * m) for m in vision.image_mean))
+    canvas.paste(pixels.resize(fit(pixels.size, (rows, cols), size), PILImage.BICUBIC), (0, 0))
+    grid = _normalise(canvas, vision).reshape(rows, size, cols, size, 3)
+    tiles = grid.permute(0, 2, 4, 1, 3).reshape(rows * cols, 3, size, size)  # row by row, channels first
+    if config.tiles.skip_empty:
+        kept = torch.tensor(tile_layout(pixels.size, (rows, cols), size))
+        tiles[~kept] = float("nan")
+    return torch.cat([image_to_tensor(pixels, vision)[None], tiles]).contiguous()
+
+
+def tile_map(kept: Sequence[bool], cols: int) -> str:
+    """Tiles row by row, rows split by '/': ■ an encoded tile, □ a skipped one (only padding)."""
+    marks = "".join("■" if k else "□" for k in kept)
+    return "/".join(marks[i:i + cols] for i in range(0, len(marks), cols))
 
 
 def prefix_table(word: str) -> list[int]:

@@ -90,6 +90,9 @@ def test_truncation_never_cuts_an_image_and_drops_samples_with_nothing_to_learn(
     assert inside is None  # and then no supervised token is left
     r2 = Rendered(list(range(20)), [IGNORE] * 2 + list(range(2, 20)), image_starts=[8])
     assert truncate(r2, 10, tokens_per_image=4).input_ids == list(range(8))
+    # An image that takes more than tokens_per_image positions (tiles): a cut inside any of them moves before it.
+    assert truncate(r2, 14, tokens_per_image=4, span=lambda start: 9).input_ids == list(range(8))
+    assert len(truncate(r2, 14, tokens_per_image=4)) == 14  # 14 is past a 4-token image at 8..11
 
 
 def test_the_blend_follows_ratios_is_deterministic_and_resumes_anywhere():

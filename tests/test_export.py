@@ -90,6 +90,9 @@ def test_parts_that_llava_cannot_hold_are_named(tmp_path):
                         connector="linear")
     with pytest.raises(CheckpointError, match="vision tower 'blip2': BLIP-2's ViT \\+ Q-Former is no LLaVA"):
         export_hf(*build_model(blip2), tmp_path / "x")
+    mmca = dataclasses.replace(tiny_config(), attention="mmca")
+    with pytest.raises(CheckpointError, match="attention 'mmca': LLaVA's LM attends causally"):
+        export_hf(*build_model(mmca), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

@@ -80,6 +80,9 @@ def check_exportable(model: VisionLanguageModel) -> None:
                         "activation, per token; a resampler or a pixel shuffle changes the token count")
     if config.lora.r:
         problems.append("LoRA adapters: LLaVA has no adapters; merge them into the base weights first")
+    if getattr(config, "attention", "causal") != "causal":
+        problems.append(f"attention {config.attention!r}: LLaVA's LM attends causally; exported, the model would "
+                        "silently attend another way than it was trained to")
     if not hasattr(model.lm, "lm_head") or not hasattr(model.lm, "model"):
         problems.append(f"language model {type(model.lm).__name__}: expected an HF causal LM (…ForCausalLM)")
     if problems:

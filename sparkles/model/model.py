@@ -16,14 +16,19 @@ from ..config import ModelConfig
 from ..errors import ConfigError, InputError
 from ..processor import Processor
 from ..tokenizer import NAMED, byte_tokenizer, load_tokenizer
+from .attention import lm_kwargs, use_attention
 from .connectors import CONNECTORS
 from .mixed import build_towers, resolve
+from .tiles import add_skip_token, encode_views, merge_views
+from .visual_cache import load_visual_cache
 
 
 class VisionLanguageModel(nn.Module):
     """Composition of three named parts; the LM's own forward does the rest."""
 
     PARTS = ("vision", "connector", "lm")
+    skip_token_id: int | None = None  # SPHINX-X's skip token (`tiles.py`); build_model sets it when tiles skip
+    visual_cache = None  # ImageBind-LLM's cache (`visual_cache.py`): no module, so never in the checkpoint's weights
 
     def __init__(self, vision: nn.Module, connector: nn.Module, lm: nn.Module, *, config: ModelConfig,
                  image_token_id: int):
@@ -59,16 +64,29 @@ class VisionLanguageModel(nn.Module):
         return next(self.parameters()).device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, K, D) LM input embeddings."""
+        """(N, 3, H, W) -> (N, K, D) LM input embeddings; with tiles, (N, V, 3, H, W) -> (N, V·K, D) (`tiles.py`)."""
+        if pixel_values.dim() == 5:
+            return encode_views(self.encode_images, pixel_values, getattr(self.connector, "skip_token", None))
         dtype = next(self.vision.parameters()).dtype
         features = self.vision(pixel_values.to(self.device, dtype))  # (N, P, C)
+        if self.visual_cache is not None and not self.training:
+            # The connector's inputs are blended, as ImageBind-LLM blends before its bind network: the connector
+            # was trained on the tower's features, and one cache serves every connector on the same tower.
+            features = self.visual_cache(features, self.vision)
         return self.connector(features.to(next(self.connector.parameters()).dtype))  # (N, K, D)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with image features written over the image tokens, in order of appearance."""
         is_image = input_ids == self.image_token_id  # (B, T)
+        if self.skip_token_id is not None:
+            is_image = is_image | (input_ids == self.skip_token_id)  # a skipped tile's one position
         # Image-token ids are never looked up: the tokenizer may have added them past the end of the table.
         text = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        rows, cols = self.config.tiles.grid
+        if rows:
+            skips = input_ids[is_image] == (-1 if self.skip_token_id is None else self.skip_token_id)  # (S,)
+            return merge_views(text, is_image, skips, image_embeds, views=1 + rows * cols,
+                               k=self.config.tokens_per_image)
         have = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
         slots = int(is_image.sum())
         if slots != have:
@@ -79,6 +97,15 @@ class VisionLanguageModel(nn.Module):
             return text
         return text.masked_scatter(is_image[..., None], image_embeds.to(text.dtype))
 
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) True at image tokens, for an attention that treats them apart (MMCA); None under causal attention,
+        whose LM forward must not get it. Generation passes it for every position a KV cache will hold."""
+        if self.config.attention == "causal":
+            return None
+        skip = getattr(self, "skip_token_id", None)  # a skipped tile's one position stands for image content too
+        is_image = input_ids == self.image_token_id
+        return is_image if skip is None else is_image | (input_ids == skip)
+
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None):
@@ -88,7 +115,8 @@ class VisionLanguageModel(nn.Module):
         """
         images = self.encode_images(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, images)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
+                       **lm_kwargs(self.image_positions(input_ids)))
 
 
 def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=None, dtype: torch.dtype | None = None,
@@ -102,12 +130,14 @@ def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=Non
     processor = Processor(tokenizer, config)
     vision = build_towers(config.vision, load_weights=load_weights, dtype=dtype)
     lm = _build_lm(config, len(tokenizer), load_weights, dtype=dtype, device=device)
+    use_attention(lm, config.attention)
     width = lm.get_input_embeddings().embedding_dim
     connector_cls = CONNECTORS.get(config.connector)
     if connector_cls is None:
         raise ConfigError(f"unknown connector {config.connector!r}; expected one of {sorted(CONNECTORS)}")
     connector = connector_cls(vision.out_dim, width, num_tokens=vision.num_tokens,
                               tokens_per_image=config.tokens_per_image)
+    add_skip_token(connector, config, width)
     if config.lora.r:
         lm = _with_lora(lm, config.lora)
         if config.lora.vision:
@@ -118,6 +148,9 @@ def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=Non
         vision=resolve(config.vision, vision),
         language=dataclasses.replace(config.language, config=_lm_config_dict(config, lm)))
     model = VisionLanguageModel(vision, connector, lm, config=resolved, image_token_id=processor.image_token_id)
+    model.skip_token_id = processor.skip_token_id
+    if config.visual_cache.path:
+        model.visual_cache = load_visual_cache(config.visual_cache)
     return model, processor
 
 

@@ -22,6 +22,7 @@ from ..conversation import Conversation, Image, Message
 from ..engine import ROW_FAILED, Engine, EngineClosedError, EngineConfig, QueueFullError
 from ..errors import ConfigError, ContextLengthError, ImageLoadError, InputError, SparklesError
 from ..image import check_public_addresses
+from .limits import PixelBudget, Workers, check_text, release_memory, text_limit
 from .requests import ApiError, ChatRequest, check_conversation, parse_request  # noqa: F401 (ApiError: re-exported)
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,12 @@ class ServeConfig:
     max_images: int | None = None  # per request; None = the model's own max_images
     max_image_bytes: int = 20 * 2**20  # per image, as sent (before decoding)
     max_image_pixels: int = 4096 * 4096  # per image, width * height
+    max_request_pixels: int = 4 * 4096 * 4096  # all images of a request, decoded (PIL holds RGB in 4 B: 256 MiB)
+    max_text_chars: int | None = None  # text per request; None = what can fit max_seq_len (see limits.text_limit)
+    workers: int = 4  # requests prepared at once (images read and decoded, text tokenized), each in a thread
+    max_waiting: int = 16  # requests waiting for a worker; past this, or after worker_wait seconds, a 503
+    worker_wait: float = 30.0  # seconds a request may wait for a worker
+    degraded_after: float = 5.0  # /health says "degraded" once a request waited this long or every worker is stuck
     max_body_bytes: int = 64 * 2**20  # the whole request body
     http_timeout: float = 10.0  # seconds for one image download, redirects included
     default_max_tokens: int = 512  # when a request names no max_tokens (cut to the room left in the context)
@@ -52,17 +59,21 @@ def load_request_images(conversation: Conversation, config: ServeConfig, max_ima
     if (count := len(conversation.slots)) > max_images:
         raise InputError(f"too many images: {count}; this server takes at most {max_images} per request")
 
+    budget = PixelBudget(config.max_request_pixels)  # spent from each header: the image that overdraws never decodes
+
     def load(part):
-        loaded = load_source(part.source, config) if isinstance(part, Image) and part.pixels is None else None
-        return replace(part, pixels=loaded.pixels, sha256=loaded.sha256) if loaded else part
+        if not isinstance(part, Image) or part.pixels is not None:
+            return part
+        loaded = load_source(part.source, config, check_size=lambda size: budget.take(size, part.name))
+        return replace(part, pixels=loaded.pixels, sha256=loaded.sha256)
     messages = tuple(Message(m.role, tuple(load(p) for p in m.parts)) for m in conversation.messages)
     return replace(conversation, messages=messages)
 
 
-def load_source(source: str, config: ServeConfig):
+def load_source(source: str, config: ServeConfig, check_size=None):
     """A data: URL, a file under the allowed folder (a path or file:// URL), or a public http(s) URL."""
     from ..image import load_image
-    limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
+    limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels, "check_size": check_size}
     scheme = urlsplit(source).scheme.lower()
     if scheme == "data":
         return load_image(source, **limits)
@@ -152,14 +163,21 @@ def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
     engine = chat_or_engine if isinstance(chat_or_engine, Engine) else \
         Engine.from_chat(chat_or_engine, EngineConfig(config.max_batch, config.max_queue, config.prefix_cache_mb))
 
+    workers = Workers(config.workers, max_waiting=config.max_waiting, max_wait=config.worker_wait,
+                      degraded_after=config.degraded_after)
+
     @asynccontextmanager
-    async def lifespan(app):  # the engine stops with the app
+    async def lifespan(app):  # the engine and the workers stop with the app
         yield
+        workers.close()
         await asyncio.to_thread(engine.close)
 
     # No /docs: its page pulls scripts from a CDN, and the server must work offline.
     app = FastAPI(title="Sparkles", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config, app.state.created = engine, config, int(time.time())
+    app.state.workers = workers
+    app.state.max_text_chars = config.max_text_chars or text_limit(engine.processor.config.max_seq_len,
+                                                                   engine.processor.tokenizer)
     app.add_route("/health", _health, methods=["GET"])
     app.add_route("/v1/models", _models, methods=["GET"])
     app.add_route("/v1/chat/completions", _completions, methods=["POST"])
@@ -173,8 +191,11 @@ def _json(body: dict, status: int = 200, headers: dict | None = None):
 
 
 async def _health(http):
-    engine = http.app.state.engine
-    return _json({"status": "ok" if engine.alive else "stopped", **engine.stats()}, 200 if engine.alive else 503)
+    """200 "ok"; or 503 "stopped" (the engine thread died) or "degraded" (requests wait too long for a worker, or
+    every worker has been stuck too long), so that a load balancer sends new requests elsewhere until it is ok."""
+    engine, workers = http.app.state.engine, http.app.state.workers.stats()
+    status = "stopped" if not engine.alive else "degraded" if workers["degraded"] else "ok"
+    return _json({"status": status, **engine.stats(), "preparing": workers}, 200 if status == "ok" else 503)
 
 
 async def _models(http):
@@ -187,12 +208,20 @@ async def _models(http):
 async def _completions(http):
     from starlette.responses import StreamingResponse
 
-    engine, config = http.app.state.engine, http.app.state.config
+    from ..formats import from_openai
+
+    state = http.app.state
+    engine, config = state.engine, state.config
     try:
         request = parse_request(await _read_json(http, config.max_body_bytes), config.model_name)
+        # Cheap checks first, on the event loop: they walk the parts, never the text, so nothing waits for a worker
+        # (or tokenizes 50 MB) to be told no.
+        conversation = from_openai(request.messages)
+        check_conversation(conversation)
+        check_text(conversation, state.max_text_chars)
         if engine.full():  # refuse before decoding any image
             raise QueueFullError("too many requests are waiting; try again shortly")
-        handle = await asyncio.to_thread(_start, engine, request, config, asyncio.get_running_loop())
+        handle = await state.workers.run(_start, engine, request, conversation, config, asyncio.get_running_loop())
     except Exception as e:  # every failure becomes an OpenAI error body; only ours carry their message
         return _error_response(e)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
@@ -214,14 +243,14 @@ async def _read_json(http, limit: int) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {str(e)[:120]}") from None
 
 
-def _start(engine: Engine, request: ChatRequest, config: ServeConfig, loop):
-    """Build, load, render and submit (in a worker thread: images decode here, not on the event loop)."""
-    from ..formats import from_openai
-
+def _start(engine: Engine, request: ChatRequest, conversation: Conversation, config: ServeConfig, loop):
+    """Load, render and submit (in a worker thread: images decode here, not on the event loop)."""
     max_images = config.max_images or engine.processor.config.max_images
-    conversation = from_openai(request.messages)
-    check_conversation(conversation)
-    encoded = engine.encode(load_request_images(conversation, config, max_images))
+    try:
+        encoded = engine.encode(load_request_images(conversation, config, max_images))
+    finally:
+        if conversation.slots:  # the decoded pixels are garbage now, refused or not
+            release_memory()
     params = replace(request.params, max_new_tokens=request.max_tokens or config.default_max_tokens)
     return engine.submit(encoded, params, strict=request.max_tokens is not None, ignore_eos=request.ignore_eos,
                          loop=loop)
@@ -308,6 +337,15 @@ def add_cli(commands) -> None:
     serve.add_argument("--allowed-image-dir", metavar="DIR", help="image paths and file:// URLs: only in this folder")
     serve.add_argument("--allow-http", action="store_true", help="fetch http(s) image URLs (public addresses only)")
     serve.add_argument("--max-images", type=int, default=None, help="images per request (default: the model's)")
+    serve.add_argument("--max-image-pixels", type=int, default=ServeConfig.max_image_pixels, help="width × height")
+    serve.add_argument("--max-request-pixels", type=int, default=ServeConfig.max_request_pixels,
+                       help="decoded pixels of all images of one request")
+    serve.add_argument("--max-text-chars", type=int, default=None,
+                       help="characters of text per request (default: what can fit the model's context)")
+    serve.add_argument("--workers", type=int, default=ServeConfig.workers,
+                       help="requests whose images and text are prepared at once")
+    serve.add_argument("--worker-wait", type=float, default=ServeConfig.worker_wait,
+                       help="seconds a request may wait for a worker before a 503")
     serve.add_argument("--max-batch", type=int, default=ServeConfig.max_batch, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=ServeConfig.max_queue, help="waiting requests before 429")
     serve.add_argument("--max-tokens", dest="default_max_tokens", type=int, default=ServeConfig.default_max_tokens,

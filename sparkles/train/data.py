@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,13 +56,17 @@ class Batch:
                      move(self.position_ids), self.skipped, self.tokens, self.samples, self.origins)
 
 
-def truncate(rendered: Rendered, max_len: int, tokens_per_image: int) -> Rendered | None:
-    """Cut to `max_len` tokens; a cut inside an image moves before it. None when no supervised token is left."""
+def truncate(rendered: Rendered, max_len: int, tokens_per_image: int,
+             span: Callable[[int], int] | None = None) -> Rendered | None:
+    """Cut to `max_len` tokens; a cut inside an image moves before it. None when no supervised token is left.
+
+    `span(start)` is how many positions the image starting there takes, where that is not `tokens_per_image`
+    (tiles: a global view and its tiles, an empty tile one skip token)."""
     if len(rendered) <= max_len:
         return rendered
     cut = max_len
     for start in rendered.image_starts:
-        if start < cut < start + tokens_per_image:
+        if start < cut < start + (span(start) if span else tokens_per_image):
             cut = start
     labels = rendered.labels[:cut]
     if all(label == IGNORE for label in labels):
@@ -86,7 +90,8 @@ class TrainDataset(torch.utils.data.Dataset):
             rendered = self.processor.render(conversation, loss_on=sample.loss_on, check_length=False)
         except InputError as e:  # an image that went missing or broke since the records were read
             return Skipped(sample.origin, str(e))
-        kept = truncate(rendered, self.max_len, self.processor.config.tokens_per_image)
+        kept = truncate(rendered, self.max_len, self.processor.config.tokens_per_image,
+                        lambda start: self.processor.image_span(rendered.input_ids, start)[0])
         if kept is None:
             return Skipped(sample.origin, f"no answer token left after truncation to {self.max_len} tokens")
         slots = conversation.slots[:len(kept.image_starts)]
