@@ -11,7 +11,7 @@ from sparkles.world.data import evaluate_world
 # How far above its own blind self (the same items, every image flat grey) the shipped model must stay. A model
 # that cannot see scores the same on both, so these fail for it however well it has learned the answers' wording.
 # Set well under the margins the shipped model has on these items (see the README's table), far above noise.
-MARGINS = {"caption": 0.4, "caption recall": 0.5, "dialogue turn 1": 0.15}  # shipped: +0.71, +0.90, +0.38
+MARGINS = {"caption": 0.4, "caption recall": 0.5, "dialogue turn 1": 0.15}  # shipped: +0.79, +0.90, +0.46
 
 
 def test_the_default_model_is_shipped_and_fits_the_repository():
