@@ -19,7 +19,7 @@ import torch
 
 from .config import SamplingParams
 from .errors import ConfigError, ContextLengthError
-from .generate import Chat, sample
+from .generate import Chat, cache_kwargs, sample
 from .prefix import PrefixCache, image_keys, kinds_mask, lm_masks
 from .prefix import pad_left as _pad
 from .prefix import plain_layer as _plain
@@ -304,14 +304,14 @@ class Engine:
     def _forward(self, inputs: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """(B, T, D) new positions on top of `cache` -> (B, V) logits of the last one."""
         positions = (mask.clamp(max=1).cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]  # MMCA marks images 2
-        out = self.chat.model.lm(inputs_embeds=inputs, position_ids=positions, past_key_values=cache, use_cache=True,
-                                 logits_to_keep=1, **lm_masks(self.chat.model, mask))
+        out = self.chat.model.lm(inputs_embeds=inputs, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                 **cache_kwargs(self.chat.model.lm, cache), **lm_masks(self.chat.model, mask))
         return out.logits[:, -1].float()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token under its own sampling parameters; text goes out as it comes."""
-        if (banned := self.chat.model.image_token_id) < logits.shape[-1]:  # image tokens are inputs only
-            logits[:, banned] = float("-inf")
+        banned = [i for i in self.chat.model.input_only_ids if i < logits.shape[-1]]  # image content: inputs only
+        logits[:, banned] = float("-inf")
         tokens = []
         for i, row in enumerate(rows):
             try:  # one row's failure ends that row only; the others keep decoding

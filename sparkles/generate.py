@@ -6,6 +6,8 @@ conversation in, text deltas out, stopping on stop strings without ever showing 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -38,7 +40,7 @@ class KVCache:
         """Whether positions can be cut from the end: not with sliding-window layers, which forget the start."""
         from transformers.cache_utils import DynamicLayer
 
-        return self.past is None or all(type(layer) is DynamicLayer for layer in self.past.layers)
+        return self.past is None or all(type(layer) in (DynamicLayer, _slab_class()) for layer in self.past.layers)
 
     def crop(self, length: int) -> None:
         """Forget every position from `length` on: undo a turn, or keep only a shared prefix."""
@@ -57,9 +59,132 @@ class KVCache:
 
     def attended(self, batch: int, device) -> torch.Tensor:
         """(B, length) mask of the cached positions."""
-        if self.mask is not None:
-            return self.mask.to(device)
-        return torch.ones(batch, self.length, dtype=torch.long, device=device)
+        ones = self.mask is None
+        return torch.ones(batch, self.length, dtype=torch.long, device=device) if ones else self.mask.to(device)
+
+
+def cache_kwargs(lm, past) -> dict:
+    """The LM forward's cache keyword: `cache` where its signature has it (transformers 5.x), else `past_key_values`."""
+    return {_cache_arg(type(lm)): past}
+
+
+@functools.cache
+def _cache_arg(kind: type) -> str:
+    return "cache" if "cache" in inspect.signature(kind.forward).parameters else "past_key_values"
+
+
+@functools.cache
+def _slab_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class Slab(DynamicLayer):
+        """A DynamicLayer whose keys and values are views of a roomier buffer: a step writes its position in place,
+        not a `torch.cat` of the whole cache, and attention sees exactly the positions held (DynamicLayer's sums).
+        Cropping by slicing `keys` works; replaced tensors (a batch selection) are copied in at the next update."""
+
+        reserve = 0  # positions to make room for at the next allocation
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, buffer = getattr(self, "keys", None), getattr(self, "_buffer", None)
+            held = 0 if keys is None or keys.numel() == 0 else keys.shape[-2]
+            end = held + key_states.shape[-2]
+            if (buffer is None or end > buffer[0].shape[-2] or buffer[0].shape[:2] != key_states.shape[:2] or held
+                    and (keys.data_ptr() != buffer[0].data_ptr() or keys.stride() != buffer[0].stride())):
+                shape = (*key_states.shape[:2], max(end, self.reserve, held + held // 2))
+                buffer = tuple(x.new_empty(*shape, x.shape[-1]) for x in (key_states, value_states))
+                if held:
+                    buffer[0][..., :held, :], buffer[1][..., :held, :] = keys, self.values
+                self._buffer = buffer
+            buffer[0][..., held:end, :], buffer[1][..., held:end, :] = key_states, value_states
+            self.keys, self.values = buffer[0][..., :end, :], buffer[1][..., :end, :]
+            self.is_initialized, self.device, self.dtype = True, key_states.device, key_states.dtype
+            return self.keys, self.values
+
+    return Slab
+
+
+def _slabs(lm, past, reserve: int):
+    """`past`, or a new cache of slabs (`_slab_class`); each slab gets room for `reserve` positions."""
+    from transformers import DynamicCache
+
+    slab = _slab_class()
+    if past is None:
+        past = DynamicCache()
+        past.layer_class_to_replicate = slab  # else transformers' DynamicLayer: a torch.cat of the whole cache a step
+        past.layers = [slab() for _ in range(getattr(lm.config.get_text_config(), "num_hidden_layers", 0))]
+    for layer in (x for x in past.layers if type(x) is slab):
+        layer.reserve = reserve
+    return past
+
+
+class _Step:
+    """A decoding step of a LlamaForCausalLM (sdpa) without its modules' Python machinery: the torch operations of
+    transformers' forward in its order on its weights, so the same logits bit for bit (tests/test_decode_fast.py)."""
+
+    def __init__(self, lm):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.lm, self.attend = lm, ALL_ATTENTION_FUNCTIONS["sdpa"]
+        # Each layer's tensors looked up once: a module's attribute lookup costs more than the small ops here do.
+        linear, _norm = (lambda p: (p.weight.t(), p.bias)), (lambda m: (m.weight, m.variance_epsilon))
+        self.layers = [(a, a.head_dim, a.scaling, _norm(x.input_layernorm), *map(linear, (a.q_proj, a.k_proj,
+                        a.v_proj, a.o_proj)), _norm(x.post_attention_layernorm), x.mlp.act_fn,
+                        *map(linear, (x.mlp.gate_proj, x.mlp.up_proj, x.mlp.down_proj)))
+                       for x in lm.model.layers for a in (x.self_attn,)]
+        self.norm, self.head = _norm(lm.model.norm), linear(lm.lm_head)
+
+    @staticmethod
+    def fits(lm) -> bool:
+        """Whether the step computes what `lm`'s forward would: a plain Llama, in eval mode, nothing hooked into it
+        or patched (a LoRA layer, a forward hook, a kernel swapped in), sdpa attention; else the forward runs."""
+        from torch.nn.modules import module
+        from transformers import LlamaForCausalLM
+        from transformers.models.llama import modeling_llama as llama
+
+        if (type(lm) is not LlamaForCausalLM or lm.training or lm.config._attn_implementation != "sdpa"
+                or module._global_forward_hooks or module._global_forward_pre_hooks):
+            return False
+        plain = (llama.LlamaModel, llama.LlamaDecoderLayer, llama.LlamaAttention, llama.LlamaMLP, llama.LlamaRMSNorm,
+                 llama.LlamaRotaryEmbedding, torch.nn.Linear, torch.nn.Embedding, torch.nn.ModuleList)
+        for m in lm.modules():
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+                return False
+            if m is not lm and type(m) not in plain and not any(m is x.mlp.act_fn for x in lm.model.layers):
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, past) -> torch.Tensor:
+        """(B, T, D) new positions at (B, T) positions on top of `past` -> (B, V) logits of the last one. `mask`:
+        (B, 1, T, L) bool, or None where every position is real (what transformers' sdpa mask gives then)."""
+        b, t, _ = x.shape
+        cos, sin = (e.unsqueeze(1) for e in self.lm.model.rotary_emb(x, positions))
+        half = cos.shape[-1] // 2
+        # rotate_half(q) * sin == roll(q) * (sin with its first half negated), exactly: one op instead of four.
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        x = x.reshape(b * t, -1)  # 2-D rows: a product on them skips the reshapes of the 3-D path, same result
+        for layer, (attention, dim, scaling, norm1, wq, wk, wv, wo, norm2, act, gate, up, down) in zip(
+                past.layers, self.layers):
+            h = _rms(x, *norm1)
+            q, k, v = (_linear(h, *w).view(b, t, -1, dim).transpose(1, 2) for w in (wq, wk, wv))
+            q, k = q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
+            k, v = layer.update(k, v)
+            out, _ = self.attend(attention, q, k, v, mask, dropout=0.0, scaling=scaling)
+            x = x + _linear(out.reshape(b * t, -1), *wo)
+            h = _rms(x, *norm2)
+            x = x + _linear(act(_linear(h, *gate)) * _linear(h, *up), *down)
+        return _linear(_rms(x.view(b, t, -1)[:, -1], *self.norm), *self.head)
+
+
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear of 2-D rows as ATen computes it (mm, or addmm with a bias), without its dispatch and transpose."""
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's forward, operation for operation (a cast to the dtype a tensor has is no operation)."""
+    h = x if x.dtype == torch.float32 else x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
@@ -104,57 +229,65 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     the ids behind `embeds`, are recorded in `cache.token_ids` with every token fed back, so that a session knows
     what its cache holds. The last token yielded is not fed, so the cache never holds it. `image_mask` (B, T) marks
     the image tokens among the new positions, for MMCA (`VisionLanguageModel.image_positions`); None for causal.
-    """
-    from transformers import DynamicCache
 
+    Later steps of a plain Llama run `_Step` on a cache written in place (`_slab_class`): the same tokens, faster.
+    """
     cache = cache if cache is not None else KVCache()
-    if cache.past is None and use_cache:
-        cache.past = DynamicCache()
-    batch, new = embeds.shape[:2]
-    device = embeds.device
+    (batch, new), device = embeds.shape[:2], embeds.device
     fresh = attention_mask if attention_mask is not None else torch.ones(batch, new, dtype=torch.long, device=device)
     mask = torch.cat([cache.attended(batch, device), fresh.to(device, torch.long)], dim=1)  # (B, L + T)
+    # Without padding no mask is kept, and the step gives sdpa none, as transformers' forward does then.
+    padded = cache.mask is not None or attention_mask is not None
+    holes = padded and not bool(mask.all())
     images = None  # (B, L + T) image positions, cached ones included; generated tokens are text
     if image_mask is not None:
         assert cache.image is not None or not cache.length, "an MMCA cache must know which positions are images"
         held = cache.image if cache.image is not None else image_mask.new_zeros(batch, 0)
         images = torch.cat([held.to(device), image_mask.to(device, torch.bool)], dim=1)
+    if use_cache:  # room for the answer ahead, up to 1024 positions (past that a slab grows by half as it goes)
+        cache.past = _slabs(lm, cache.past, cache.length + new + min(params.max_new_tokens, 1024))
+    step = _Step(lm) if use_cache and images is None and _Step.fits(lm) else None
     record = input_ids is not None and batch == 1  # token ids are kept for one-row caches only
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+    done, stops = torch.zeros(batch, dtype=torch.bool, device=device), torch.tensor(stop_ids, device=device).long()
     seen = seen if seen is not None else torch.empty(batch, 0, dtype=torch.long, device=device)
-    inputs, history = embeds, embeds
-    table = lm.get_input_embeddings()
-    for _ in range(params.max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if use_cache:
-            out = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1]:],
-                     past_key_values=cache.past, use_cache=True, logits_to_keep=1, **lm_kwargs(images))
-            cache.length += inputs.shape[1]
-            cache.mask = mask if (cache.mask is not None or attention_mask is not None) else None
-            cache.image = images
-            if record:
-                cache.token_ids += input_ids[0].tolist()
+    penalised = params.repetition_penalty != 1.0  # else `seen` is never read: no need to grow it
+    banned = torch.tensor(suppress_ids, dtype=torch.long, device=device)
+    inputs, history, table = embeds, embeds, lm.get_input_embeddings()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L + T)
+    for n in range(params.max_new_tokens):
+        if not use_cache:
+            logits = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False,
+                        **lm_kwargs(images)).logits[:, -1]  # (B, V)
+        elif n and step is not None:
+            logits = step(inputs, positions, mask[:, None, None, :].bool() if holes else None, cache.past)
         else:
-            out = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False,
-                     **lm_kwargs(images))
-        logits = out.logits[:, -1]  # (B, V)
-        if suppress_ids:  # ids past the LM's vocabulary (added tokens it never had) cannot come out anyway
-            logits[:, [i for i in suppress_ids if i < logits.shape[-1]]] = float("-inf")
+            logits = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1]:],
+                        use_cache=True, logits_to_keep=1, **cache_kwargs(lm, cache.past),
+                        **lm_kwargs(images)).logits[:, -1]
+        if use_cache:
+            cache.length, cache.mask, cache.image = cache.length + inputs.shape[1], mask if padded else None, images
+            cache.token_ids += input_ids[0].tolist() if record else []
+        banned = banned if n else banned[banned < logits.shape[-1]]  # ids past the LM's vocabulary cannot come out
+        logits = logits.index_fill(1, banned, float("-inf")) if banned.numel() else logits
         token = sample(logits, params, generator, seen)
         if stop_ids:
-            token = torch.where(done, torch.tensor(stop_ids[0], device=device), token)
-            done |= torch.isin(token, torch.tensor(stop_ids, device=device))
+            token = torch.where(done, stops[0], token)
+            done |= torch.isin(token, stops)
         yield token
-        if bool(done.all()):
+        if stop_ids and bool(done.all()):
             return
-        seen = torch.cat([seen, token[:, None]], dim=1)
+        if penalised:
+            seen = torch.cat([seen, token[:, None]], dim=1)
         input_ids = token[:, None]
         inputs = table(input_ids)  # (B, 1, D)
         history = inputs if use_cache else torch.cat([history, inputs], dim=1)  # only the reference path re-reads it
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+        if padded or step is None:
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+        if not use_cache:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        else:  # the mask's running count at the new token, without re-counting the whole mask every step
+            positions = positions[:, -1:] + 1 if n else mask[:, :positions.shape[1]].sum(-1, keepdim=True)
         images = None if images is None else torch.cat([images, images.new_zeros(batch, 1)], dim=1)
 
 
@@ -195,7 +328,7 @@ class Chat:
         budget = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room)})
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
         yield from deltas(generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids,
-                                   suppress_ids=(self.model.image_token_id,), seen=text_ids, image_mask=images),
+                                   suppress_ids=self.model.input_only_ids, seen=text_ids, image_mask=images),
                           stream, self.processor.stop_ids)
 
     def answer(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> str:
@@ -217,7 +350,7 @@ class Chat:
         streams = [TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop) for _ in rows]
         done = [False] * len(rows)
         for tokens in generate(self.model.lm, embeds, budget, attention_mask=mask.to(embeds.device),
-                               stop_ids=self.processor.stop_ids, suppress_ids=(self.model.image_token_id,),
+                               stop_ids=self.processor.stop_ids, suppress_ids=self.model.input_only_ids,
                                seen=seen.to(embeds.device), image_mask=images):
             for i, token in enumerate(tokens.tolist()):
                 if done[i]:
@@ -244,7 +377,7 @@ class Chat:
         """Embeddings (1, T - start, D) of an encoded prompt past its first `start` positions (a cached prefix: only
         later images are encoded), and all its text ids (1, S) for the repetition penalty: what a scheduler batches."""
         ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
-        text = ids[ids != self.model.image_token_id][None]
+        text = self.model.text_ids(ids)
         if not start:
             return self.model.embed(ids, self._encode_images(encoded)), text
         later = [i for i, s in enumerate(encoded.rendered.image_starts) if s >= start]

@@ -177,10 +177,10 @@ class ChatSession:
             prompt, reuse, embeds = self._prefix(turn)
             room = self.processor.config.max_seq_len - prompt.shape[1]
             budget = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room)})
-            seen = prompt[prompt != self.model.image_token_id][None]  # the penalty sees the text, as in Chat
+            seen = self.model.text_ids(prompt)  # the penalty sees the text, as in Chat
             # Under MMCA the cache also keeps which positions are images (KVCache.image), cut back with it.
             tokens = generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids, cache=self.cache,
-                              suppress_ids=(self.model.image_token_id,), seen=seen, input_ids=prompt[:, reuse:],
+                              suppress_ids=self.model.input_only_ids, seen=seen, input_ids=prompt[:, reuse:],
                               image_mask=self.model.image_positions(prompt[:, reuse:]))
             yield from deltas(tokens, stream, self.processor.stop_ids)
         except (GeneratorExit, KeyboardInterrupt):  # a stop button or Ctrl-C: keep what was said, as chat UIs do

@@ -11,7 +11,7 @@ from conftest import solid, tiny_config
 from sparkles.config import LoraConfig, SamplingParams
 from sparkles.conversation import Conversation, Message, Text, user_message
 from sparkles.engine import Engine, EngineConfig
-from sparkles.generate import Chat, generate
+from sparkles.generate import Chat, cache_kwargs, generate
 from sparkles.model.attention import lm_kwargs, mmca_attention, mmca_masks
 from sparkles.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from sparkles.model.model import build_model
@@ -159,7 +159,7 @@ def test_cached_decoding_gives_the_logits_of_one_forward(attention):
         embeds, images = model.embed(ids, model.encode_images(encoded.pixel_values)), model.image_positions(ids)
         cache, steps = DynamicCache(), []
         for a, b in [(0, split), (split, end), *[(t, t + 1) for t in range(end, ids.shape[1])]]:
-            out = model.lm(inputs_embeds=embeds[:, a:b], past_key_values=cache, use_cache=True,
+            out = model.lm(inputs_embeds=embeds[:, a:b], use_cache=True, **cache_kwargs(model.lm, cache),
                            **lm_kwargs(images[:, :b]))
             steps.append(out.logits[0, -1])
     assert torch.allclose(torch.stack(steps), whole[[split - 1, *range(end - 1, ids.shape[1])]], atol=1e-5)

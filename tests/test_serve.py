@@ -346,9 +346,12 @@ def test_the_prefix_cache_stays_within_its_bound_and_tells_images_apart():
 def test_a_flood_of_bad_requests_leaves_it_serving(chat, tmp_path):
     engine = Engine.from_chat(chat)
     bad = [raw for raw, _, _ in _bad_requests(tmp_path)[:14]] * 8  # none that the default config allows
+    # Room for all of them to wait for a worker: shedding load with 503 "busy" is tested in test_server_limits.py;
+    # here each bad request must get its own 4xx.
+    config = ServeConfig(max_waiting=len(bad))
 
     async def flood():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine)),
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine, config)),
                                      base_url="http://test") as client:
             out = await asyncio.gather(*[client.post("/v1/chat/completions", content=raw) for raw in bad])
             good = await client.post("/v1/chat/completions", json={"model": "sparkles", "messages": two_images(),

@@ -220,3 +220,20 @@ def test_the_switch_is_a_dotted_override_and_bad_grids_are_refused():
         build_model(tiled(grid=(2, 0)))
     with pytest.raises(ConfigError, match="tokens_per_image >= 2"):
         build_model(tiled(tokens_per_image=1, connector="resampler"))
+
+
+def test_a_skip_token_is_input_only_even_past_the_lms_table():
+    """A pretrained LM has no row for the skip token (it was added to the tokenizer for us): the repetition penalty
+    must not look it up, and no front end may generate it."""
+    model, processor = model_for(tiled())
+    skip = processor.skip_token_id
+    assert model.input_only_ids == (model.image_token_id, skip)
+    model.lm.resize_token_embeddings(min(model.image_token_id, skip))  # as if both ids were past a real LM's table
+    penalised = SamplingParams(max_new_tokens=6, repetition_penalty=1.3, temperature=0.8, seed=1)
+    conversation = two_images()
+    chat = Chat(model, processor)
+    assert isinstance(chat.answer(conversation, penalised), str)
+    assert len(chat.answer_batch([conversation, conversation], penalised)) == 2
+    assert isinstance(ChatSession(model, processor).answer(conversation[-1], params=penalised), str)
+    ids = torch.tensor([processor.render(conversation, generation=True).input_ids])
+    assert skip in ids and not torch.isin(model.text_ids(ids), torch.tensor(model.input_only_ids)).any()

@@ -37,6 +37,16 @@ class VisionLanguageModel(nn.Module):
         self.config, self.image_token_id = config, image_token_id
         self.set_trainable(config.trainable)
 
+    @property
+    def input_only_ids(self) -> tuple[int, ...]:
+        """Ids that stand for image content (the image token; a skipped tile's token): inputs only, never generated,
+        and not text for the repetition penalty. A pretrained LM's table may not even have rows for them."""
+        return (self.image_token_id,) + (() if self.skip_token_id is None else (self.skip_token_id,))
+
+    def text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(1, S) the text among (1, T) ids: what the repetition penalty may look at."""
+        return ids[~torch.isin(ids, torch.tensor(self.input_only_ids, device=ids.device))][None]
+
     def set_trainable(self, parts) -> None:
         unknown = set(parts) - set(self.PARTS)
         if unknown:
