@@ -252,8 +252,7 @@ class Engine:
             return joining
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Prefill new prompts, sample their first tokens, then merge them in: those the prefix cache has a start of
-        one by one on top of it, the others as one left-padded batch."""
+        """Prefill new prompts (one by one on a prefix the cache holds, the rest as one batch), then merge them in."""
         from transformers import DynamicCache
 
         keys = [image_keys(r.encoded) if self.prefix.capacity else [] for r in requests]
@@ -269,11 +268,12 @@ class Engine:
             # A copy of the entry's first `start` positions: entries are never written.
             cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None)
             logits = self._forward(embeds, mask, cache)
+            rows = [self._row(r, ids, k) for (r, k), (_, ids) in zip(group, prompts)]
+            first = self._sample(rows, logits)  # the first tokens go out before the prompts' KV is copied to keep
             if all(_plain(layer) for layer in cache.layers):  # a sliding window forgets the start: nothing to keep
                 self.prefix.store_rows([(i, r.encoded.rendered.input_ids, k) for i, (r, k) in enumerate(group)],
                                        cache.layers)
-            rows = [self._row(r, ids, k) for (r, k), (_, ids) in zip(group, prompts)]
-            self._merge(rows, cache, mask, self._sample(rows, logits))
+            self._merge(rows, cache, mask, first)
         self._drop_finished()
 
     def _row(self, request: Request, text_ids: torch.Tensor, keys: list) -> _Row:
