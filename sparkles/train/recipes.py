@@ -19,6 +19,7 @@ from ..config import (
     ModelConfig,
     OptimConfig,
     Stage,
+    TileConfig,
     TrainConfig,
     VisionConfig,
     from_dict,
@@ -61,6 +62,38 @@ PRESETS: dict[str, TrainConfig] = {
                           warmup_start=1e-6 / 3e-5, min_lr=1e-5 / 3e-5, max_steps=2000, batch_size=1, clip=0.0,
                           precision="bf16"),
         out="runs/sparkleschat-7b", save_every=400, export="trainable"),
+    # DeepSpeed-VisualChat's 7B recipe (../shared/spec/peers.md §1): CLIP ViT-L/14 at 224 px keeping its CLS token
+    # (257 tokens an image), a linear projection, LLaMA-2-7B attending with multi-modal causal attention as DSVC's
+    # code does (image rows see earlier text); tower and LM frozen, at most 8 images and 4,096 positions a sample.
+    # AdamW 1e-3, betas (0.9, 0.95), no weight decay, cosine after a 10 % warm-up, clip 1.0; a global batch of 128
+    # (1 a GPU x 16 accumulated on 8 GPUs). DSVC also trains a copy of the LM's token embeddings: `optim.lr_lm`
+    # with LoRA on the LM is our nearest; its LayerNorm after the projection is left out.
+    "deepspeed-visualchat-7b": TrainConfig(
+        model=ModelConfig(vision=VisionConfig(kind="hf", path="CLIP_VIT_L14_DIR", image_size=224, drop_cls=False),
+                          language=LanguageConfig(kind="hf", path="LLAMA2_7B_DIR"), connector="linear",
+                          tokens_per_image=257, attention="mmca-image-sees-text", max_images=8, max_seq_len=4096,
+                          trainable=("connector",)),
+        data=DataConfig(max_len=4096, num_workers=4),
+        optim=OptimConfig(lr_connector=1e-3, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=300, min_lr=0.0,
+                          max_steps=3000, batch_size=1, grad_accum=16, clip=1.0, precision="bf16"),
+        out="runs/deepspeed-visualchat-7b", save_every=500, export="trainable"),
+    # SPHINX-1k's recipe as far as our parts reach (peers.md §2): CLIP ViT-L/14 and DINOv2 ViT-L/14 side by side at
+    # 224 px, 257 tokens each joined along channels (SPHINX adds a ConvNeXt-XXL and a Q-Former), a global view plus
+    # 2x2 tiles an image with SPHINX-X's skip tokens, LLaMA-2-13B trained in full with the connector; lr 2e-5, no
+    # weight decay, a 3 % warm-up, clip 8, batch 4 x 4 accumulated a GPU, 512 words a sample in its fine-tuning,
+    # here 4,096 positions, since five views of 257 tokens fill 1,285 of them.
+    "sphinx-1k-13b": TrainConfig(
+        model=ModelConfig(vision=VisionConfig(kind="hf", path="CLIP_VIT_L14_DIR", image_size=224, drop_cls=False,
+                                              extra=VisionConfig(kind="hf", path="DINOV2_VIT_L14_DIR", image_size=224,
+                                                                 drop_cls=False, image_mean=(0.485, 0.456, 0.406),
+                                                                 image_std=(0.229, 0.224, 0.225))),
+                          language=LanguageConfig(kind="hf", path="LLAMA2_13B_DIR"), connector="linear",
+                          tokens_per_image=257, tiles=TileConfig(grid=(2, 2)), max_seq_len=4096,
+                          trainable=("connector", "lm")),
+        data=DataConfig(max_len=4096, num_workers=4),
+        optim=OptimConfig(lr_connector=2e-5, lr_lm=2e-5, weight_decay=0.0, warmup_steps=100, min_lr=0.0,
+                          max_steps=3000, batch_size=4, grad_accum=4, clip=8.0, precision="bf16"),
+        out="runs/sphinx-1k-13b", save_every=500, activation_checkpointing=True),
     # The recipe of the embedded default model, perception first (issue 10; the README tells the story): the tower
     # learns to name each patch's object from the world's labels; then, the tower frozen, the LM learns to read
     # its tokens on captions; then every task type, captions kept in the blend.
