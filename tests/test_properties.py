@@ -156,3 +156,25 @@ def test_a_torn_tail_is_cut_and_every_whole_line_kept(tmp_path_factory, records,
         assert kept == whole + tail[:last] and cut == (last < len(tail))
     else:
         assert kept == whole and cut == bool(tail)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=8)
+FIELDS = ["model", "messages", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed",
+          "stop", "stream", "n", "logprobs", "repetition_penalty", "stream_options", "response_format", "tools"]
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6) | JSON, st.booleans())
+def test_any_request_body_is_parsed_or_refused_with_a_4xx(body, named):
+    from sparkles.serve.requests import ApiError, parse_request
+
+    if isinstance(body, dict) and named:
+        body = {**body, "model": "sparkles"}  # past the model check, to reach the other fields more often
+    try:
+        request = parse_request(body, "sparkles")
+    except ApiError as e:
+        assert 400 <= e.status < 500 and str(e)
+        return
+    assert isinstance(request.messages, list) and request.params.temperature >= 0
