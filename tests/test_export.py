@@ -9,7 +9,7 @@ from conftest import CHATML, solid, tiny_config
 from test_model import CLIP, SIGLIP, tiny_blip2_config
 
 from sparkles.cli import main
-from sparkles.config import SPARKLESCHAT_SYSTEM, LanguageConfig, VisionConfig
+from sparkles.config import SPARKLESCHAT_SYSTEM, LanguageConfig, TileConfig, VisionConfig
 from sparkles.conversation import Conversation, Message, Text, user_message
 from sparkles.errors import CheckpointError
 from sparkles.model.checkpoint import save_checkpoint
@@ -90,6 +90,9 @@ def test_parts_that_llava_cannot_hold_are_named(tmp_path):
                         connector="linear")
     with pytest.raises(CheckpointError, match="vision tower 'blip2': BLIP-2's ViT \\+ Q-Former is no LLaVA"):
         export_hf(*build_model(blip2), tmp_path / "x")
+    tiled = dataclasses.replace(tiny_config(), tiles=TileConfig(grid=(2, 2)))
+    with pytest.raises(CheckpointError, match=r"tiles \(2, 2\): LLaVA's processor gives one view"):
+        export_hf(*build_model(tiled), tmp_path / "x")
     mmca = dataclasses.replace(tiny_config(), attention="mmca")
     with pytest.raises(CheckpointError, match="attention 'mmca': LLaVA's LM attends causally"):
         export_hf(*build_model(mmca), tmp_path / "x")

@@ -80,7 +80,10 @@ def check_exportable(model: VisionLanguageModel) -> None:
                         "activation, per token; a resampler or a pixel shuffle changes the token count")
     if config.lora.r:
         problems.append("LoRA adapters: LLaVA has no adapters; merge them into the base weights first")
-    if getattr(config, "attention", "causal") != "causal":
+    if config.tiles.grid != (0, 0):
+        problems.append(f"tiles {config.tiles.grid}: LLaVA's processor gives one view an image; the sub-image views "
+                        "and skip tokens would be lost")
+    if config.attention != "causal":
         problems.append(f"attention {config.attention!r}: LLaVA's LM attends causally; exported, the model would "
                         "silently attend another way than it was trained to")
     if not hasattr(model.lm, "lm_head") or not hasattr(model.lm, "model"):
