@@ -49,10 +49,13 @@ def with_pixels(conversation: Conversation) -> Conversation:
 
 
 class SparklesResponder:
-    """A Sparkles checkpoint through `Chat.answer_batch`: one left-padded batch, each image encoded once per call."""
+    """A Sparkles checkpoint: one left-padded batch a call, each image encoded once; a call that carries the last
+    call's conversations one turn on (the harness's turn k+1) resumes from their cache (`BatchSession`)."""
 
     def __init__(self, chat, name: str):
-        self.chat, self.name = chat, name
+        from ..batch_session import BatchSession
+
+        self.chat, self.name, self.session = chat, name, BatchSession(chat)
 
     @classmethod
     def load(cls, model: str | None, *, device: str = "cpu", dtype=None) -> SparklesResponder:
@@ -69,7 +72,7 @@ class SparklesResponder:
                 "image_size": config.vision.image_size, "images": "in place"}
 
     def answer_batch(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[str]:
-        return self.chat.answer_batch([with_pixels(c) for c in conversations], params)
+        return self.session.answer_batch([with_pixels(c) for c in conversations], params)
 
 
 def named(conversation: Conversation) -> Conversation:

@@ -99,6 +99,7 @@ def evaluate_world(chat, *, n: int = 50, seed: int = 1, batch: int = 32, blank: 
     Turn 2 is asked after the model's own turn-1 answer. With `blank`, every image is replaced by a flat grey
     one: the score of a model that cannot see, which an accuracy must beat to show the model looks.
     """
+    from ..batch_session import BatchSession
     from ..config import SamplingParams
     from .scoring import object_counts
     from .tasks import make_eval_set, score
@@ -106,12 +107,14 @@ def evaluate_world(chat, *, n: int = 50, seed: int = 1, batch: int = 32, blank: 
     params = params or SamplingParams(max_new_tokens=WORKED_TOKENS)
     items = [blanked(i) if blank else i for i in make_eval_set(n, seed)]
     history = {i.id: [] for i in items}
-    rows = []
-    for turn in range(2):
-        asked = [(item, _ask(item, turn, history[item.id])) for item in items if turn < len(item.truths)]
-        for start in range(0, len(asked), batch):
-            chunk = asked[start:start + batch]
-            answers = chat.answer_batch([c for _, c in chunk], params)
+    rows, session = [], BatchSession(chat)  # turn 2 of a batch resumes from turn 1's cache
+    for first in range(0, len(items), batch):
+        for turn in range(2):
+            chunk = [(item, _ask(item, turn, history[item.id])) for item in items[first:first + batch]
+                     if turn < len(item.truths)]
+            if not chunk:
+                continue
+            answers = session.answer_batch([c for _, c in chunk], params)
             for (item, _), answer in zip(chunk, answers):
                 history[item.id].append(answer)
                 result = score(item.truths[turn], answer)
