@@ -1,6 +1,9 @@
 """The model: vision towers (`vision`), connectors and the vision-language model that splices image embeddings into
 the LM's input with one mask (`model`), and checkpoint folders, the embedded default and the SparklesChat-7B import
-(`checkpoint`). The peers' variants (adapters, cross-attention, tiles) belong here too.
+(`checkpoint`). The peers' switches: multi-modal causal attention (`attention`), sub-image tiles and skip tokens
+(`tiles`), mixed towers (`mixed`), ImageBind-LLM's visual cache (`visual_cache`, its command in `visual_cache_cli`),
+weight mixing (`merge`); export to the Hugging Face LLaVA layout (`export`). Adapters and gated cross-attention
+will belong here too.
 
 May import: the data model and rendering (`config`, `errors`, `registry`, `tokenizer`, `processor`). Never training,
 evaluation, the world or a front end.
