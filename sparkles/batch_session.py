@@ -107,15 +107,24 @@ class BatchSession:
             best = max(range(len(held)), key=shared.__getitem__)
             starts.append(_safe_start(min(shared[best], len(prompt) - 1), e, self.chat.processor))
             picks.append(best)
-        cache = self.cache
-        index = torch.tensor(picks, device=cache.past.layers[0].keys.device)
-        for layer in cache.past.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        rows = []
-        for pick, start in zip(picks, starts):
-            kept = {pos for pos, _ in held[pick][:start]}  # the shared start; the rest is given up
-            rows.append([t if pos in kept else PAD for pos, t in enumerate(self.rows[pick])])
-        cache = KVCache(cache.past, cache.length, mask=torch.tensor([[t != PAD for t in r] for r in rows]).long())
+        # Only the shared starts are kept, packed to the right: positions given up by earlier turns or other rows
+        # would otherwise pile up in the cache call after call. Positions come from the mask's count, so packing
+        # changes none of them.
+        kept = [[pos for pos, _ in held[pick][:start]] for pick, start in zip(picks, starts)]
+        width = max(map(len, kept))
+        if not width:
+            self.cache, self.rows = None, []
+            return KVCache(), [[] for _ in ids], [0] * len(ids)
+        device = self.cache.past.layers[0].keys.device
+        rows_index = torch.tensor(picks, device=device)
+        index = torch.tensor([[0] * (width - len(k)) + k for k in kept], device=device)  # (B, W)
+        for layer in self.cache.past.layers:
+            where = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = layer.keys[rows_index].gather(2, where)
+            layer.values = layer.values[rows_index].gather(2, where)
+        rows = [[PAD] * (width - len(k)) + [self.rows[pick][pos] for pos in k] for pick, k in zip(picks, kept)]
+        mask = torch.tensor([[0] * (width - len(k)) + [1] * len(k) for k in kept], device=device)
+        cache = KVCache(self.cache.past, width, mask=mask)
         self.reused += sum(starts)
         self.cache, self.rows = None, []  # in use: a failure half-way must not leave a cache that lies
         return cache, rows, starts

@@ -111,3 +111,14 @@ def test_nothing_is_held_past_the_memory_bound(chat):
     assert session.cache is None
     turn2 = [next_turn(c, a, k) for k, (c, a) in enumerate(zip(turn1, answers))]
     assert session.answer_batch(turn2, GREEDY) == chat.answer_batch(turn2, GREEDY) and session.reused == 0
+
+
+def test_positions_given_up_do_not_pile_up(chat):
+    """Each call keeps only the shared starts, packed: the cache stays as long as one turn's prompt and answer."""
+    session, longest = BatchSession(chat), 0
+    for k in range(6):
+        batch = [Conversation((user_message(f"Round {k}: describe IMAGE#1" + "!" * j, [solid(COLORS[(k + j) % 6])]),))
+                 for j in range(3)]
+        assert session.answer_batch(batch, GREEDY) == chat.answer_batch(batch, GREEDY)
+        longest = max(longest, *(len(chat.processor.encode(c, generation=True).rendered) for c in batch))
+        assert session.cache.length <= longest + GREEDY.max_new_tokens
