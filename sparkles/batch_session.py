@@ -21,6 +21,7 @@ from .conversation import Conversation
 from .errors import ContextLengthError
 from .generate import Chat, KVCache, generate
 from .processor import TextStream
+from .session import common_prefix
 
 PAD = -1  # the id recorded for a position that holds nothing (padding, or a position given up)
 
@@ -103,7 +104,7 @@ class BatchSession:
         held = [[(pos, t) for pos, t in enumerate(row) if t != PAD] for row in self.rows]
         picks, starts = [], []
         for prompt, e in zip(ids, encoded):
-            shared = [_shared(prompt, [t for _, t in h]) for h in held]
+            shared = [common_prefix(prompt, [t for _, t in h]) for h in held]
             best = max(range(len(held)), key=shared.__getitem__)
             starts.append(_safe_start(min(shared[best], len(prompt) - 1), e, self.chat.processor))
             picks.append(best)
@@ -128,14 +129,6 @@ class BatchSession:
         self.reused += sum(starts)
         self.cache, self.rows = None, []  # in use: a failure half-way must not leave a cache that lies
         return cache, rows, starts
-
-
-def _shared(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for k in range(n):
-        if a[k] != b[k]:
-            return k
-    return n
 
 
 def _safe_start(start: int, encoded, processor) -> int:

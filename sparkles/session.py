@@ -206,7 +206,7 @@ class ChatSession:
         that agree with render(conversation + answer). The rest (the marker, and any tokens the model chose that the
         renderer would split otherwise) is prefilled with the next turn, where it costs almost nothing."""
         done = turn.conversation.append(Message("assistant", (Text(text.strip()),)))
-        self._crop(_common(self.cache.token_ids, self._render(done, generation=False).input_ids))
+        self._crop(common_prefix(self.cache.token_ids, self._render(done, generation=False).input_ids))
         self._slots = [(s, k) for s, k in zip(turn.rendered.image_starts, turn.keys)]
         gone = Conversation(self.conversation.messages[:len(self._base) + 2 * turn.dropped])
         self._dropped += tuple(label for label in gone.labels if label not in self._dropped)
@@ -216,7 +216,7 @@ class ChatSession:
         """How many cached positions a rendering starts with, leaving at least `fresh` of it to run (a prompt's last
         position must run to give logits); the cache is cut back to them."""
         ids, k = rendered.input_ids, self.processor.config.tokens_per_image
-        keep = min(_common(self.cache.token_ids, ids), len(ids) - fresh) if self.cache.croppable else 0
+        keep = min(common_prefix(self.cache.token_ids, ids), len(ids) - fresh) if self.cache.croppable else 0
         cached = dict(self._slots)
         for start, key in zip(rendered.image_starts, keys):
             # Image tokens share one id, so ids alone cannot tell two images apart; an image is reused whole or not.
@@ -261,7 +261,7 @@ class ChatSession:
         self._slots = [(s, k) for s, k in self._slots if s < length]
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix."""
     n = min(len(a), len(b))
     for i in range(n):

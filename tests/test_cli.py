@@ -163,7 +163,7 @@ def test_a_device_this_machine_lacks_is_one_error_line(capsys):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+        pytest.skip("this test needs a machine without CUDA: it asks for the device the machine lacks")
     assert main(["chat", "--device", "cuda", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device cuda asks for CUDA, but this machine has no CUDA GPU"), err

@@ -255,7 +255,7 @@ def test_a_checkpoint_keeps_the_switch_and_the_logits(tmp_path):
 
 
 def test_a_few_training_steps_with_lora_lower_the_loss_and_packed_rows_equal_rows_alone():
-    pytest.importorskip("peft")
+    pytest.importorskip("peft", reason="LoRA needs the [lora] extra, which .ci/run installs")
     model, processor = build("mmca", lora=LoraConfig(r=4), trainable=("connector", "lm"))
     model.train()
     encoded = processor.encode(two_images().append(Message("assistant", (Text("IMAGE#1 is red."),))))
