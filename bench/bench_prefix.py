@@ -37,26 +37,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import statistics
-import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
+
+# The same random model as bench_session.py and the same in-process server as bench_serve.py (run as scripts, the
+# benchmarks in bench/ import each other by name).
+from bench_serve import Server  # noqa: E402
+from bench_session import bench_model  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 from PIL import ImageDraw  # noqa: E402
 
-from sparkles.config import TINY  # noqa: E402
 from sparkles.generate import Chat  # noqa: E402
 from sparkles.image import to_data_uri  # noqa: E402
-from sparkles.model.model import build_model  # noqa: E402
 from sparkles.serve.server import ServeConfig, create_app  # noqa: E402
-from sparkles.tokenizer import byte_tokenizer  # noqa: E402
 
 SYSTEM = ("You are a careful visual assistant. Look at every image before answering, name images as IMAGE#k, "
           "and answer in one short sentence.")
@@ -71,26 +71,9 @@ QUESTIONS = ["What colour is the big shape in IMAGE#1?", "How many shapes are in
              "What differs between IMAGE#1 and IMAGE#2?", "Is any shape red?", "Count the triangles.",
              "Where is the smallest shape?", "Which shape in IMAGE#2 is largest?", "Give IMAGE#1 a title."]
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "teal"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def bench_model(device: str, template: str):
-    config = dataclasses.replace(
-        TINY, tokens_per_image=32,
-        vision=dataclasses.replace(TINY.vision, image_size=224,
-                                   config={"patch_size": 16, "width": 256, "depth": 4, "heads": 4}),
-        language=dataclasses.replace(TINY.language, config={
-            **TINY.language.config, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
-            "num_attention_heads": 12, "num_key_value_heads": 12}))
-    torch.manual_seed(0)
-    if template == "chat_template":
-        tokenizer = byte_tokenizer(("<image>", "<|im_start|>", "<|im_end|>"))
-        tokenizer.chat_template = CHATML
-        model, processor = build_model(dataclasses.replace(config, template="chat_template"), tokenizer=tokenizer)
-    else:
-        model, processor = build_model(config)
-    return model.to(device).eval(), processor
+def serve(chat: Chat, prefix_cache_mb: float) -> Server:
+    """A server in this process with the prefix cache on (its size in MB) or off (0)."""
+    return Server(create_app(chat, ServeConfig(prefix_cache_mb=prefix_cache_mb)))
 
 
 def image_url(i: int) -> str:
@@ -105,29 +88,6 @@ def image_url(i: int) -> str:
 def user_turn(text: str, images: list[str]) -> dict:
     return {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in images),
                                         {"type": "text", "text": text}]}
-
-
-class Server:
-    """A server in a thread of this process, on 127.0.0.1 and a free port; it and its engine stop on exit."""
-
-    def __init__(self, chat: Chat, prefix_cache_mb: float):
-        import uvicorn
-
-        app = create_app(chat, ServeConfig(prefix_cache_mb=prefix_cache_mb))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.server.force_exit = True
 
 
 async def ask(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
@@ -196,9 +156,9 @@ async def burst(url: str, clients: int, max_tokens: int, offset: int) -> dict:
 
 def one_round(chat: Chat, mb: float, args) -> dict:
     """A fresh server: the conversation, then on another fresh one the two bursts (each with an empty cache)."""
-    with Server(chat, mb) as url:
+    with serve(chat, mb) as url:
         turns = asyncio.run(conversation(url, args.max_tokens))
-    with Server(chat, mb) as url:
+    with serve(chat, mb) as url:
         cold = asyncio.run(burst(url, args.clients, args.max_tokens, 0))
         cold_stats = {k: cold[k] for k in ("hits", "misses", "tokens_reused")}
         warm = asyncio.run(burst(url, args.clients, args.max_tokens, args.clients))
@@ -226,7 +186,7 @@ def main() -> None:
     model, processor = bench_model(args.device, args.template)
     chat = Chat(model, processor)
     variants = {"on": args.prefix_cache_mb, "off": 0.0}
-    with Server(chat, 0) as url:  # warm-up: the first forward passes of a process pay for lazy initialisation
+    with serve(chat, 0) as url:  # warm-up: the first forward passes of a process pay for lazy initialisation
         asyncio.run(conversation(url, 2))
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     started = time.perf_counter()
