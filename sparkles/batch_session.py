@@ -20,7 +20,7 @@ from .config import SamplingParams
 from .conversation import Conversation
 from .errors import ContextLengthError
 from .generate import Chat, KVCache, generate
-from .processor import TextStream
+from .processor import TextStream, push_rows
 from .session import common_prefix
 
 PAD = -1  # the id recorded for a position that holds nothing (padding, or a position given up)
@@ -67,15 +67,7 @@ class BatchSession:
                                stop_ids=processor.stop_ids, suppress_ids=chat.model.input_only_ids,
                                seen=seen.to(device)):
             fed.append([PAD if d else t for d, t in zip(done, tokens.tolist())])  # a finished row's tokens mean nothing
-            for k, token in enumerate(fed[-1]):
-                if done[k]:
-                    continue
-                if token in processor.stop_ids:
-                    done[k] = True
-                else:
-                    streams[k].push(token)
-                    done[k] = streams[k].stopped
-            if all(done):
+            if push_rows(streams, done, fed[-1], processor.stop_ids):
                 break
         for step in fed[:cache.length - before]:  # the last token yielded is never fed
             for row, token in zip(rows, step):

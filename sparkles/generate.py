@@ -17,7 +17,7 @@ from .config import GREEDY_BELOW, SamplingParams
 from .conversation import Conversation, Message, Text
 from .errors import ContextLengthError
 from .model.attention import lm_kwargs
-from .processor import Processor, TextStream
+from .processor import Processor, TextStream, push_rows
 
 
 @dataclass
@@ -352,15 +352,7 @@ class Chat:
         for tokens in generate(self.model.lm, embeds, budget, attention_mask=mask.to(embeds.device),
                                stop_ids=self.processor.stop_ids, suppress_ids=self.model.input_only_ids,
                                seen=seen.to(embeds.device), image_mask=images):
-            for i, token in enumerate(tokens.tolist()):
-                if done[i]:
-                    continue
-                if token in self.processor.stop_ids:
-                    done[i] = True
-                else:
-                    streams[i].push(token)
-                    done[i] = streams[i].stopped
-            if all(done):
+            if push_rows(streams, done, tokens.tolist(), self.processor.stop_ids):
                 break
         return [s.text.strip() for s in streams]
 

@@ -322,3 +322,18 @@ class TextStream:
             return ""
         delta, self.shown = self.text[self.shown:upto], upto
         return delta
+
+
+def push_rows(streams: Sequence[TextStream], done: list[bool], tokens: Sequence[int],
+              stop_ids: Sequence[int]) -> bool:
+    """One decoding step of a batch: each unfinished row's token goes to its stream, or ends the row (a stop id, or
+    a stop string its stream found). `done` is updated in place; True once every row is done."""
+    for k, token in enumerate(tokens):
+        if done[k]:
+            continue
+        if token in stop_ids:
+            done[k] = True
+        else:
+            streams[k].push(token)
+            done[k] = streams[k].stopped
+    return all(done)
