@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 # The same random model as bench_session.py and the same in-process server as bench_serve.py (run as scripts, the
 # benchmarks in bench/ import each other by name).
-from bench_serve import Server  # noqa: E402
+from bench_serve import Server, chunks  # noqa: E402
 from bench_session import bench_model  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 from PIL import ImageDraw  # noqa: E402
@@ -95,19 +95,14 @@ async def ask(client: httpx.AsyncClient, url: str, messages: list[dict], max_tok
     body = {"model": "sparkles", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start, cpu, first, pieces, usage = time.perf_counter(), time.process_time(), None, [], {}
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"the server failed the request: {chunk['error']}")
-            if chunk["choices"] and (text := chunk["choices"][0]["delta"].get("content")):
-                if first is None:
-                    first, cpu = time.perf_counter() - start, time.process_time() - cpu
-                pieces.append(text)
-            usage = chunk.get("usage") or usage
+    async for chunk in chunks(client, url, body):
+        if "error" in chunk:
+            raise RuntimeError(f"the server failed the request: {chunk['error']}")
+        if chunk["choices"] and (text := chunk["choices"][0]["delta"].get("content")):
+            if first is None:
+                first, cpu = time.perf_counter() - start, time.process_time() - cpu
+            pieces.append(text)
+        usage = chunk.get("usage") or usage
     # An answer with no visible text (all blanks) has no first content chunk: its end stands in for one.
     if first is None:
         first, cpu = time.perf_counter() - start, time.process_time() - cpu

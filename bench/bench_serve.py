@@ -79,18 +79,22 @@ def request_body(i: int, tokens: int) -> dict:
             "stream_options": {"include_usage": True}}
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
-    """(seconds to the first text, completion tokens) of one streamed request."""
-    start, first, tokens = time.perf_counter(), None, 0
+async def chunks(client: httpx.AsyncClient, url: str, body: dict):
+    """The JSON chunks of one streamed chat completion, as they arrive."""
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
-            tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
+            if line.startswith("data: {"):
+                yield json.loads(line[6:])
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
+    """(seconds to the first text, completion tokens) of one streamed request."""
+    start, first, tokens = time.perf_counter(), None, 0
+    async for chunk in chunks(client, url, body):
+        if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = time.perf_counter() - start
+        tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
     return (first if first is not None else time.perf_counter() - start), tokens
 
 
