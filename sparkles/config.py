@@ -81,6 +81,18 @@ class VisualCacheConfig:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """LLaMA-Adapter's and ImageBind-LLM's zero-init gated adapters (`model/adapters.py`): an image costs the LM one
+    marker position, and the text after it reads the image through adapters in the LM's layers, whose tanh(gate)
+    starts at 0 so that a new model computes exactly what its LM did. Each position reads the most recent image at
+    or before it (pooled to one vector); nothing before the first image: causal, so cached turns stay valid."""
+
+    kind: Literal["none", "llama-adapter", "imagebind"] = "none"  # none = off: images are K tokens in the text
+    layers: int = 0  # the top `layers` LM layers get adapters; 0 = all (LLaMA-Adapter: the top 30 of 32)
+    prompt_len: int = 10  # llama-adapter: adaption prompt tokens per adapted layer (LLaMA-Adapter's adapter_len)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vision: VisionConfig = VisionConfig()
     language: LanguageConfig = LanguageConfig()
@@ -100,6 +112,7 @@ class ModelConfig:
     # one over earlier image tokens; image rows see image tokens only. "mmca-image-sees-text": as its code does it,
     # image rows also see earlier text. Both MMCA forms need no new weights, but no fused kernel fits them.
     attention: Literal["causal", "mmca", "mmca-image-sees-text"] = "causal"
+    adapter: AdapterConfig = AdapterConfig()  # LLaMA-Adapter / ImageBind-LLM gated adapters; off by default
 
 
 # Bounds of SamplingParams: OpenAI's 4 stop sequences (each at most MAX_STOP_CHARS long, so that checking each new
@@ -186,6 +199,7 @@ class OptimConfig:
     warmup_start: float = 0.0  # fraction of the peak the warm-up starts from (the original: 1e-6 / 3e-5)
     min_lr: float = 0.1  # fraction of the peak the cosine ends at (the original: 1e-5 / 3e-5)
     max_steps: int = 100  # optimizer steps
+    max_minutes: float = 0.0  # wall-clock budget across resumes (0 = none): stop at it or max_steps, whichever first
     batch_size: int = 8  # samples per process and micro-step
     grad_accum: int = 1
     clip: float = 1.0  # gradient-norm clipping; 0 = off (the original did not clip)

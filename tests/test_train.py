@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -61,6 +62,29 @@ def test_the_original_schedule_is_reproduced():
     expected = {0: 1.0e-6, 200: 1.55e-5, 399: 2.993e-5, 400: 2.809e-5, 1000: 2.0e-5, 1999: 1.0e-5}
     for step, lr in expected.items():
         assert lr_factor(step, optim) * optim.lr_connector == pytest.approx(lr, rel=2e-3), step
+
+
+def test_a_time_budget_ends_the_cosine_early():
+    optim = OptimConfig(warmup_steps=10, max_steps=1000, min_lr=0.1, max_minutes=5)
+    assert lr_factor(500, optim, time_progress=0.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 490 / 990)))
+    assert lr_factor(500, optim, time_progress=1.0) == pytest.approx(0.1)  # time is up: the bottom of the cosine
+    assert lr_factor(500, optim, time_progress=0.2) == lr_factor(500, optim)  # the steps are the nearer bound
+    assert lr_factor(5, optim, time_progress=0.9) == pytest.approx(0.6)  # the warm-up follows its steps only
+
+
+def test_a_run_stops_at_its_time_budget_saves_and_resumes_with_the_time_spent(dataset, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(dataset, out, max_steps=10_000, max_minutes=0.5 / 60, warmup_steps=0)
+    final = train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = rows[-1]["step"]
+    assert 1 <= step < 10_000 and (final / "model.safetensors").is_file()
+    state = json.loads(next(iter((out / "checkpoints").glob(f"step-{step:06d}/state.json"))).read_text())
+    assert state["step"] == step and state["seconds"] >= 0.5
+    assert rows[-1]["lr"] < 3e-3  # the cosine followed the clock down
+    # The budget counts across resumes: a resumed run with no time left does not step again.
+    train(cfg, resume=True)
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
 
 
 def test_parameter_groups_freeze_parts_at_rate_zero_and_decay_only_matrices(tiny):

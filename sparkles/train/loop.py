@@ -25,25 +25,10 @@ from ..errors import CheckpointError, ConfigError
 from .evaluators import check_evaluation, due, evaluate
 from .guard import NonFiniteGuard, check_weights, mean_and_finite
 from .resume import Dist, barrier, latest_checkpoint, load_training_state, resume_point, save_training_state
+from .schedule import Budget, lr_factor
 
 log = logging.getLogger(__name__)
 PART_LR = {"vision": "lr_vision", "connector": "lr_connector", "lm": "lr_lm"}
-
-
-def lr_factor(step: int, optim: OptimConfig) -> float:
-    """The schedule as a fraction of each group's peak rate, for optimizer step `step` (0-based)."""
-    if step < optim.warmup_steps:
-        # The original counts from 0 (its first step runs at the start rate, spec §6.2); ours from 1, so that the
-        # first step is not wasted at a rate of zero.
-        done = step if optim.schedule == "original" else step + 1
-        return min(1.0, optim.warmup_start + (1 - optim.warmup_start) * done / optim.warmup_steps)
-    if optim.schedule == "constant":
-        return 1.0
-    if optim.schedule == "original":  # the cosine runs over all steps, warm-up included (spec §6.2)
-        progress = step / optim.max_steps
-    else:
-        progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)
-    return optim.min_lr + (1 - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def param_groups(model, optim: OptimConfig) -> list[dict]:
@@ -260,11 +245,12 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     sharded = dist.world > 1 and config.strategy == "fsdp2"
     check_evaluation(config, sharded=sharded)
     optimizer = torch.optim.AdamW(param_groups(model, optim), betas=optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim))
+    budget = Budget(optim, spent=state.get("seconds", 0.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, budget.progress))
     if point:
         load_training_state(point, dist=dist, optimizer=optimizer, scheduler=scheduler, sharded=sharded)
         for group in optimizer.param_groups:  # the schedule of this config, even if max_steps changed since
-            group["lr"] = group["initial_lr"] * lr_factor(state["step"], optim)
+            group["lr"] = group["initial_lr"] * lr_factor(state["step"], optim, budget.progress)
     loader = make_loader(config, processor, dist, start=state["position"])
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -275,7 +261,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     step, position, batches = state["step"], state["position"], iter(loader)
     bar = tqdm(total=optim.max_steps, initial=step, disable=not dist.main, desc="train", unit="step")
     wrapped.train()
-    while step < optim.max_steps:
+    while step < optim.max_steps and not budget.over:
         started, total_loss, tokens, samples, skipped, origins = time.perf_counter(), 0.0, 0, 0, [], []
         for micro in range(optim.grad_accum):
             batch = next(batches).to(dist.device)
@@ -306,6 +292,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             scheduler.step()  # even after a skip: see guard.py for why a skipped step still counts
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        budget.tick(dist)
+        last = step == optim.max_steps or budget.over
         seconds = time.perf_counter() - started
         norm = float(norm)
         row = {"step": step, "loss": mean_loss if math.isfinite(mean_loss) else None, "lr": lr,
@@ -313,22 +301,25 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                "tokens_per_s": tokens * dist.world / seconds, "skipped": len(skipped)}
         for skip in skipped:
             log.warning(f"skipped {skip.origin}: {skip.reason}")
-        if step % config.log_every == 0 or step == optim.max_steps:
+        if step % config.log_every == 0 or last:
             metrics.write({**row, "nonfinite": guard.take()})
         guard.check(step)
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if due(config, step):
+        if due(config, step) or (last and config.eval_every > 0):
             scores = evaluate(model, processor, config, step, dist)
             if scores is not None:
                 metrics.write({"step": step, "eval": scores})
-        if step % config.save_every == 0 or step == optim.max_steps:
+        if step % config.save_every == 0 or last:
             weights = full_state(wrapped, dist, names)
             check_weights(weights, dist, f"the checkpoint of step {step}")
             save_training_state(checkpoints, step, dist=dist, weights=weights, optimizer=optimizer,
-                                scheduler=scheduler, position=position, keep_last=config.keep_last, sharded=sharded)
+                                scheduler=scheduler, position=position, keep_last=config.keep_last, sharded=sharded,
+                                seconds=budget.spent)
     bar.close()
     metrics.close()
+    if budget.over and step < optim.max_steps and dist.main:
+        log.info(f"stopped at step {step} of {optim.max_steps}: the budget of {optim.max_minutes:g} minutes is spent")
     final = out / "model"
     weights = full_state(wrapped, dist, None)
     check_weights(weights, dist, f"the final model {final}")

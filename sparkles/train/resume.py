@@ -35,7 +35,7 @@ class Dist:
 
 
 def save_training_state(folder: Path, step: int, *, dist: Dist, weights: dict, optimizer, scheduler,
-                        position: int, keep_last: int, sharded: bool) -> None:
+                        position: int, keep_last: int, sharded: bool, seconds: float = 0.0) -> None:
     """Every rank writes its part into a temporary folder; rank 0 renames it into place, then prunes old ones.
 
     A process killed at any moment leaves either the previous checkpoints untouched or a temporary folder that
@@ -57,7 +57,8 @@ def save_training_state(folder: Path, step: int, *, dist: Dist, weights: dict, o
         save_file(weights, str(tmp / "weights.safetensors"))
         torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, "world": dist.world}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, "world": dist.world,
+                                                        "seconds": round(seconds, 3)}))
         for name in ("weights.safetensors", "optimizer.pt", "state.json", "."):
             fsync(tmp / name)
         target = folder / f"step-{step:06d}"
