@@ -147,11 +147,17 @@ def _read_config_file(path: str) -> dict:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    import yaml
-
     try:
-        data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        if path.endswith((".yaml", ".yml")):
+            import yaml  # only for YAML: a JSON config runs where PyYAML is not installed
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(e) from None
+        else:
+            data = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError is one
         raise ConfigError(f"{path} is not valid YAML/JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
