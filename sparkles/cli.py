@@ -289,7 +289,8 @@ def _run_render(args) -> int:
     supervised = sum(label != -100 for label in rendered.labels)
     print(processor.visualize(rendered, color=args.color))
     print(f"\n{len(rendered)} tokens, {supervised} with loss, {len(rendered.image_starts)} images × "
-          f"{processor.config.tokens_per_image} tokens" + (" a view" if processor.views > 1 else "")
+          f"{1 if processor.adapted else processor.config.tokens_per_image} tokens"
+          + (" a view" if processor.views > 1 else "")
           + f" at {rendered.image_starts}")
     if processor.views > 1:
         _print_tiles(processor, conversation, rendered)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .config import SamplingParams
-from .errors import ConfigError, ContextLengthError
+from .errors import ContextLengthError
 from .generate import Chat, cache_kwargs, sample
-from .prefix import PrefixCache, image_keys, kinds_mask, lm_masks
+from .prefix import PrefixCache, check_engine, image_keys, kinds_mask, lm_masks
 from .prefix import pad_left as _pad
 from .prefix import plain_layer as _plain
 from .processor import Encoded, TextStream
@@ -130,8 +130,7 @@ class Engine:
     """Model + processor + a scheduler thread. Thread-safe: `encode` and `submit` from any thread."""
 
     def __init__(self, model, processor, config: EngineConfig = EngineConfig()):
-        if config.max_batch < 1 or config.max_queue < 0:
-            raise ConfigError(f"max_batch must be >= 1 and max_queue >= 0, got {config}")
+        check_engine(model, config)  # prefix.py: config ranges, and models the engine cannot run
         self.chat, self.processor, self.config = Chat(model, processor), processor, config
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()

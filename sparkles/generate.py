@@ -16,6 +16,7 @@ import torch
 from .config import GREEDY_BELOW, SamplingParams
 from .conversation import Conversation, Message, Text
 from .errors import ContextLengthError
+from .model.adapters import Signal, adapter_kwargs
 from .model.attention import lm_kwargs
 from .processor import Processor, TextStream, push_rows
 
@@ -220,7 +221,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask: torch.Tensor | None = None,
              stop_ids: tuple[int, ...] = (), suppress_ids: tuple[int, ...] = (), cache: KVCache | None = None,
              seen: torch.Tensor | None = None, use_cache: bool = True, input_ids: torch.Tensor | None = None,
-             image_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+             image_mask: torch.Tensor | None = None, signal: Signal | None = None) -> Iterator[torch.Tensor]:
     """Yield (B,) next-token ids until every row has hit a stop id or `max_new_tokens` are out.
 
     `embeds` (B, T, D) are the new positions, after whatever `cache` holds; rows are left-padded with
@@ -229,6 +230,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     the ids behind `embeds`, are recorded in `cache.token_ids` with every token fed back, so that a session knows
     what its cache holds. The last token yielded is not fed, so the cache never holds it. `image_mask` (B, T) marks
     the image tokens among the new positions, for MMCA (`VisionLanguageModel.image_positions`); None for causal.
+    `signal` covers the new positions for adapters (`VisionLanguageModel.signal`); generated tokens read its last.
 
     Later steps of a plain Llama run `_Step` on a cache written in place (`_slab_class`): the same tokens, faster.
     """
@@ -246,7 +248,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         images = torch.cat([held.to(device), image_mask.to(device, torch.bool)], dim=1)
     if use_cache:  # room for the answer ahead, up to 1024 positions (past that a slab grows by half as it goes)
         cache.past = _slabs(lm, cache.past, cache.length + new + min(params.max_new_tokens, 1024))
-    step = _Step(lm) if use_cache and images is None and _Step.fits(lm) else None
+    step = _Step(lm) if use_cache and images is None and signal is None and _Step.fits(lm) else None
     record = input_ids is not None and batch == 1  # token ids are kept for one-row caches only
     generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
     done, stops = torch.zeros(batch, dtype=torch.bool, device=device), torch.tensor(stop_ids, device=device).long()
@@ -258,13 +260,13 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     for n in range(params.max_new_tokens):
         if not use_cache:
             logits = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False,
-                        **lm_kwargs(images)).logits[:, -1]  # (B, V)
+                        **lm_kwargs(images), **adapter_kwargs(signal)).logits[:, -1]  # (B, V)
         elif n and step is not None:
             logits = step(inputs, positions, mask[:, None, None, :].bool() if holes else None, cache.past)
         else:
             logits = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1]:],
                         use_cache=True, logits_to_keep=1, **cache_kwargs(lm, cache.past),
-                        **lm_kwargs(images)).logits[:, -1]
+                        **lm_kwargs(images), **adapter_kwargs(signal)).logits[:, -1]
         if use_cache:
             cache.length, cache.mask, cache.image = cache.length + inputs.shape[1], mask if padded else None, images
             cache.token_ids += input_ids[0].tolist() if record else []
@@ -289,6 +291,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         else:  # the mask's running count at the new token, without re-counting the whole mask every step
             positions = positions[:, -1:] + 1 if n else mask[:, :positions.shape[1]].sum(-1, keepdim=True)
         images = None if images is None else torch.cat([images, images.new_zeros(batch, 1)], dim=1)
+        signal = None if signal is None else signal.tail(1) if use_cache else signal.grow()
 
 
 def deltas(tokens: Iterator[torch.Tensor], stream: TextStream, stop_ids: tuple[int, ...]) -> Iterator[str]:
@@ -323,12 +326,13 @@ class Chat:
     @torch.inference_mode()
     def stream(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Iterator[str]:
         """Text deltas of the answer to a conversation that ends with a user message."""
-        embeds, text_ids, images = self._prompt(conversation)
+        embeds, text_ids, images, signal = self._prompt(conversation)
         room = self.processor.config.max_seq_len - embeds.shape[1]
         budget = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room)})
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
         yield from deltas(generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids,
-                                   suppress_ids=self.model.input_only_ids, seen=text_ids, image_mask=images),
+                                   suppress_ids=self.model.input_only_ids, seen=text_ids, image_mask=images,
+                                   signal=signal),
                           stream, self.processor.stop_ids)
 
     def answer(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> str:
@@ -338,32 +342,35 @@ class Chat:
     def answer_batch(self, conversations: list[Conversation], params: SamplingParams = SamplingParams()) -> list[str]:
         """Answers to several conversations at once, left-padded into one batch; each row stops on its own."""
         rows = [self._prompt(c) for c in conversations]
-        width = max(e.shape[1] for e, _, _ in rows)
-        embeds = torch.cat([nn_pad_left(e, width) for e, _, _ in rows])  # (B, T, D)
-        mask = torch.cat([nn_pad_left(torch.ones(1, e.shape[1], dtype=torch.long), width) for e, _, _ in rows])
-        images = None if rows[0][2] is None else torch.cat([nn_pad_left(i, width) for _, _, i in rows])  # (B, T)
+        width = max(e.shape[1] for e, *_ in rows)
+        embeds = torch.cat([nn_pad_left(e, width) for e, *_ in rows])  # (B, T, D)
+        mask = torch.cat([nn_pad_left(torch.ones(1, e.shape[1], dtype=torch.long), width) for e, *_ in rows])
+        images = None if rows[0][2] is None else torch.cat([nn_pad_left(i, width) for _, _, i, _ in rows])  # (B, T)
+        signal = None if rows[0][3] is None else Signal.left_padded([s for *_, s in rows], width)
         # Padding the penalty's history with a token the row already has leaves the penalty exactly as for one row.
-        longest = max(ids.shape[1] for _, ids, _ in rows)
-        seen = torch.cat([nn_pad_left(ids, longest, value=int(ids[0, 0])) for _, ids, _ in rows])
+        longest = max(ids.shape[1] for _, ids, *_ in rows)
+        seen = torch.cat([nn_pad_left(ids, longest, value=int(ids[0, 0])) for _, ids, *_ in rows])
         room = self.processor.config.max_seq_len - width
         budget = SamplingParams(**{**params.__dict__, "max_new_tokens": max(1, min(params.max_new_tokens, room))})
         streams = [TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop) for _ in rows]
         done = [False] * len(rows)
         for tokens in generate(self.model.lm, embeds, budget, attention_mask=mask.to(embeds.device),
                                stop_ids=self.processor.stop_ids, suppress_ids=self.model.input_only_ids,
-                               seen=seen.to(embeds.device), image_mask=images):
+                               seen=seen.to(embeds.device), image_mask=images, signal=signal):
             if push_rows(streams, done, tokens.tolist(), self.processor.stop_ids):
                 break
         return [s.text.strip() for s in streams]
 
-    def _prompt(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Prompt embeddings (1, T, D), the prompt's text ids (1, S) for the repetition penalty, and its image
-        positions (1, T) for MMCA (None under causal attention)."""
+    def _prompt(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Signal]:
+        """Prompt embeddings (1, T, D), the prompt's text ids (1, S) for the repetition penalty, its image
+        positions (1, T) for MMCA (None under causal attention) and its adapters' signal (or None)."""
         encoded = self.processor.encode(conversation, generation=True)
         if len(encoded.rendered) >= self.processor.config.max_seq_len:
             raise ContextLengthError(f"no room left to answer: the prompt fills all {len(encoded.rendered)} positions")
         ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
-        return *self.embed(encoded), self.model.image_positions(ids)
+        images = self._encode_images(encoded)
+        return (self.model.embed(ids, images), self.model.text_ids(ids), self.model.image_positions(ids),
+                self.model.signal(ids, images))
 
     def embed(self, encoded, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (1, T - start, D) of an encoded prompt past its first `start` positions (a cached prefix: only

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
 from .model.attention import lm_kwargs
 
 
@@ -144,3 +145,14 @@ def lm_masks(model, mask: torch.Tensor) -> dict:
     """The LM forward's masks from a (B, L) batch mask of `kinds_mask` rows and generated tokens (1s: text)."""
     image = None if model.config.attention == "causal" else mask == 2
     return {"attention_mask": mask.clamp(max=1), **lm_kwargs(image)}
+
+
+def check_engine(model, config) -> None:
+    """ConfigError for what the engine (and its prefix cache) cannot run: its `config` out of range, or a model with
+    adapters, whose rows would each need their own adapter signal carried through joins, merges and stored prefixes
+    (`model/adapters.py`); `Chat` and `ChatSession` serve such a model."""
+    if config.max_batch < 1 or config.max_queue < 0:
+        raise ConfigError(f"max_batch must be >= 1 and max_queue >= 0, got {config}")
+    if model.config.adapter.kind != "none":
+        raise ConfigError(f"model.adapter.kind={model.config.adapter.kind}: the serve engine and its prefix cache do "
+                          "not carry the adapters' per-row signal; use Chat or ChatSession, or a model without them")

@@ -54,6 +54,10 @@ class Processor:
         if (rows > 0) != (cols > 0) or rows < 0 or cols < 0:
             raise ConfigError(f"tiles.grid must be (0, 0) (off) or two positive numbers, got {config.tiles.grid}")
         self.views = 1 + rows * cols  # per image: the global view, then the tiles row by row
+        # With adapters (model/adapters.py) an image is one marker position; its features enter the LM's layers.
+        self.adapted = config.adapter.kind != "none"
+        if self.adapted and self.views > 1:
+            raise ConfigError("model.adapter and model.tiles cannot go together: an adapted image is one position")
         # The skip token is only added when used: a model without it keeps its tokenizer (and vocabulary) as it was.
         skips = self.views > 1 and config.tiles.skip_empty
         self.skip_token_id = ensure_special_token(tokenizer, SKIP_TOKEN) if skips else None
@@ -101,7 +105,10 @@ class Processor:
         return Rendered(ids, labels, starts)
 
     def image_tokens(self, image: Image) -> list[int]:
-        """The ids of one image slot: K image tokens per view, and one skip token for each skipped tile."""
+        """The ids of one image slot: K image tokens per view, and one skip token for each skipped tile; with
+        adapters one marker position (the image token once)."""
+        if self.adapted:
+            return [self.image_token_id]
         k = self.config.tokens_per_image
         ids = [self.image_token_id] * k
         for kept in self.tiles(image):
@@ -121,6 +128,8 @@ class Processor:
 
     def image_span(self, ids: Sequence[int], start: int) -> tuple[int, tuple[bool, ...]]:
         """How many positions the image whose tokens begin at `start` takes, and which of its tiles are encoded."""
+        if self.adapted:
+            return 1, ()
         k, pos, kept = self.config.tokens_per_image, start + self.config.tokens_per_image, []
         for _ in range(self.views - 1):
             skipped = self.skip_token_id is not None and pos < len(ids) and ids[pos] == self.skip_token_id
@@ -191,7 +200,7 @@ class Processor:
             if i in starts:
                 span, kept = self.image_span(rendered.input_ids, i)
                 if self.views == 1:
-                    out.append(f"⟨image {k + 1} × {self.config.tokens_per_image} at {i}⟩")
+                    out.append(f"⟨image {k + 1} × {span} at {i}⟩")
                 else:
                     rows, cols = self.config.tiles.grid
                     out.append(f"⟨image {k + 1}: global + {rows}×{cols} tiles {tile_map(kept, cols)}, "

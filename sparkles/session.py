@@ -21,6 +21,7 @@ from .config import SamplingParams
 from .conversation import Conversation, Image, Message, Text, user_message, validate
 from .errors import ContextLengthError, InputError
 from .generate import KVCache, deltas, generate
+from .model.adapters import Signal
 from .processor import Processor, Rendered, TextStream
 
 _FULL_HASH = re.compile(r"[0-9a-f]{64}")
@@ -174,14 +175,14 @@ class ChatSession:
         before = self.cache.length
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
         try:
-            prompt, reuse, embeds = self._prefix(turn)
+            prompt, reuse, embeds, signal = self._prefix(turn)
             room = self.processor.config.max_seq_len - prompt.shape[1]
             budget = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room)})
             seen = self.model.text_ids(prompt)  # the penalty sees the text, as in Chat
             # Under MMCA the cache also keeps which positions are images (KVCache.image), cut back with it.
             tokens = generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids, cache=self.cache,
                               suppress_ids=self.model.input_only_ids, seen=seen, input_ids=prompt[:, reuse:],
-                              image_mask=self.model.image_positions(prompt[:, reuse:]))
+                              image_mask=self.model.image_positions(prompt[:, reuse:]), signal=signal)
             yield from deltas(tokens, stream, self.processor.stop_ids)
         except (GeneratorExit, KeyboardInterrupt):  # a stop button or Ctrl-C: keep what was said, as chat UIs do
             self._commit(turn, stream.text)  # safe mid-forward too: the commit cuts the cache to what it knows
@@ -193,13 +194,17 @@ class ChatSession:
         self._commit(turn, stream.text)
 
     @torch.inference_mode()
-    def _prefix(self, turn: _Turn) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """The prompt's ids (1, T), how many cached positions it reuses, and the embeddings of the rest."""
+    def _prefix(self, turn: _Turn) -> tuple[torch.Tensor, int, torch.Tensor, Signal | None]:
+        """The prompt's ids (1, T), how many cached positions it reuses, the embeddings of the rest, and their
+        adapters' signal (None without adapters)."""
         prompt = torch.tensor([turn.rendered.input_ids], device=self.model.device)
         reuse = self._keep(turn.rendered, turn.keys)
         embeds = self.model.embed(prompt[:, reuse:], self._features(turn, reuse))  # (1, T - reuse, D)
+        signal = None
+        if self.model.adapters is not None:  # the new positions may read an image the cache holds: start from 0
+            signal = self.model.signal(prompt, self._features(turn, 0)).tail(prompt.shape[1] - reuse)
         self.stats.update(tokens_reused=reuse, tokens_prefilled=prompt.shape[1] - reuse, turns_dropped=turn.dropped)
-        return prompt, reuse, embeds
+        return prompt, reuse, embeds, signal
 
     def _commit(self, turn: _Turn, text: str) -> None:
         """Commit the answer as the renderer writes it, then the end-of-turn marker: the cache keeps the positions
@@ -215,12 +220,12 @@ class ChatSession:
     def _keep(self, rendered: Rendered, keys: list[str], *, fresh: int = 1) -> int:
         """How many cached positions a rendering starts with, leaving at least `fresh` of it to run (a prompt's last
         position must run to give logits); the cache is cut back to them."""
-        ids, k = rendered.input_ids, self.processor.config.tokens_per_image
+        ids = rendered.input_ids
         keep = min(common_prefix(self.cache.token_ids, ids), len(ids) - fresh) if self.cache.croppable else 0
         cached = dict(self._slots)
         for start, key in zip(rendered.image_starts, keys):
             # Image tokens share one id, so ids alone cannot tell two images apart; an image is reused whole or not.
-            if start < keep and (cached.get(start) != key or start + k > keep):
+            if start < keep and (cached.get(start) != key or start + self.processor.image_span(ids, start)[0] > keep):
                 keep = start
                 break
         self._crop(keep)

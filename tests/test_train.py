@@ -66,7 +66,8 @@ def test_the_original_schedule_is_reproduced():
 
 def test_a_time_budget_ends_the_cosine_early():
     optim = OptimConfig(warmup_steps=10, max_steps=1000, min_lr=0.1, max_minutes=5)
-    assert lr_factor(500, optim, time_progress=0.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 490 / 990)))
+    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 490 / 990))
+    assert lr_factor(500, optim, time_progress=0.0) == pytest.approx(cosine)
     assert lr_factor(500, optim, time_progress=1.0) == pytest.approx(0.1)  # time is up: the bottom of the cosine
     assert lr_factor(500, optim, time_progress=0.2) == lr_factor(500, optim)  # the steps are the nearer bound
     assert lr_factor(5, optim, time_progress=0.9) == pytest.approx(0.6)  # the warm-up follows its steps only

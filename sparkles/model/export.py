@@ -86,6 +86,9 @@ def check_exportable(model: VisionLanguageModel) -> None:
     if config.attention != "causal":
         problems.append(f"attention {config.attention!r}: LLaVA's LM attends causally; exported, the model would "
                         "silently attend another way than it was trained to")
+    if config.adapter.kind != "none":
+        problems.append(f"adapter {config.adapter.kind!r}: LLaVA's LM has no gated adapters and gives an image K "
+                        "tokens, not one marker; exported, the model would lose what it learnt to read images with")
     if not hasattr(model.lm, "lm_head") or not hasattr(model.lm, "model"):
         problems.append(f"language model {type(model.lm).__name__}: expected an HF causal LM (…ForCausalLM)")
     if problems:

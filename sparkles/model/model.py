@@ -16,6 +16,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, InputError
 from ..processor import Processor
 from ..tokenizer import NAMED, byte_tokenizer, load_tokenizer
+from .adapters import Signal, adapter_kwargs, add_adapters
 from .attention import lm_kwargs, use_attention
 from .connectors import CONNECTORS
 from .mixed import build_towers, resolve
@@ -92,6 +93,8 @@ class VisionLanguageModel(nn.Module):
             is_image = is_image | (input_ids == self.skip_token_id)  # a skipped tile's one position
         # Image-token ids are never looked up: the tokenizer may have added them past the end of the table.
         text = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        if self.adapters is not None:  # one marker position per image; the features go to `signal`
+            return self.adapters.embed(text, is_image, image_embeds)
         rows, cols = self.config.tiles.grid
         if rows:
             skips = input_ids[is_image] == (-1 if self.skip_token_id is None else self.skip_token_id)  # (S,)
@@ -106,6 +109,21 @@ class VisionLanguageModel(nn.Module):
         if image_embeds is None:
             return text
         return text.masked_scatter(is_image[..., None], image_embeds.to(text.dtype))
+
+    @property
+    def adapters(self):
+        """LLaMA-Adapter's / ImageBind-LLM's adapters (`adapters.py`), kept in the connector; None when off."""
+        return getattr(self.connector, "adapter", None)
+
+    def signal(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> Signal | None:
+        """What the adapted layers read at each of the (B, T) positions (`adapters.Signal`); None without adapters.
+        A call on a KV cache passes every position from the start (images too) and keeps the tail it feeds. Packed
+        rows pass their `position_ids`: a sample begins where they restart at 0."""
+        if self.adapters is None:
+            return None
+        starts = None if position_ids is None else position_ids.expand_as(input_ids) == 0
+        return self.adapters.signal(input_ids == self.image_token_id, image_embeds, starts)
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """(B, T) True at image tokens, for an attention that treats them apart (MMCA); None under causal attention,
@@ -125,8 +143,9 @@ class VisionLanguageModel(nn.Module):
         """
         images = self.encode_images(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, images)
+        signal = self.signal(input_ids, images, position_ids)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
-                       **lm_kwargs(self.image_positions(input_ids)))
+                       **lm_kwargs(self.image_positions(input_ids)), **adapter_kwargs(signal))
 
 
 def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=None, dtype: torch.dtype | None = None,
@@ -152,6 +171,7 @@ def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=Non
         lm = _with_lora(lm, config.lora)
         if config.lora.vision:
             vision = _with_lora(vision, config.lora)
+    add_adapters(lm, connector, config, width)  # after LoRA: the prompt branch calls k_proj/v_proj as they end up
     # Record the resolved HF configs so that a full checkpoint rebuilds without the original folders.
     resolved = dataclasses.replace(
         config,
