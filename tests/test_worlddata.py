@@ -20,6 +20,18 @@ def test_world_sources_are_endless_deterministic_and_loaded():
         WorldSamples("maze", 0)
 
 
+def test_dialogues_of_more_turns_are_a_source_option_that_leaves_two_turn_streams_alone():
+    def turns(name):
+        return [sum(m.role == "user" for m in WorldSamples(name, 0)[i].conversation) for i in range(40)]
+
+    assert set(turns("dialogue/worked?turns=3")) == {2, 3} and set(turns("dialogue/worked")) == {2}
+    samples, _ = read_source(DataSource("world:dialogue?turns=4"), seed=0)
+    assert max(sum(m.role == "user" for m in samples[i].conversation) for i in range(40)) == 4
+    for bad in ("dialogue?turns=1", "bison?turns=3", "dialogue?rounds=3"):
+        with pytest.raises(ConfigError, match="dialogues take \\?turns=N"):
+            WorldSamples(bad, 0)
+
+
 def test_the_fitted_tokenizer_is_compact_and_exact():
     tok = world_tokenizer()
     text = "IMAGE#2 has two red squares and a big blue circle."

@@ -29,13 +29,20 @@ class WorldSamples(Sequence):
     def __init__(self, kind: str, seed: int, *, turns: int = 2):
         from .tasks import FORMS, MAKERS, WorldConfig
 
+        name = kind
+        kind, _, option = kind.partition("?")  # "dialogue/worked?turns=3": dialogues of 2 to 3 turns
         kind, _, form = kind.partition("/")  # "bison/worked": the kind, in one of FORMS
         if kind not in MAKERS or (form and form not in FORMS):
-            raise ConfigError(f"unknown world source {PREFIX}{kind}{'/' if form else ''}{form}; expected one of "
+            raise ConfigError(f"unknown world source {PREFIX}{name}; expected one of "
                               f"{', '.join(PREFIX + k for k in MAKERS)}, optionally with /{' or /'.join(FORMS)} "
-                              "(e.g. world:bison/worked)")
+                              "(e.g. world:bison/worked), and for dialogue ?turns=N (e.g. world:dialogue?turns=3)")
+        key, _, value = option.partition("=")
+        if option and not (kind == "dialogue" and key == "turns" and value.isdigit() and int(value) >= 2):
+            raise ConfigError(f"bad option {option!r} of world source {PREFIX}{name}: dialogues take ?turns=N "
+                              "with N >= 2 (each dialogue then has 2 to N turns)")
         self.kind, self.seed, self.maker = kind, seed, MAKERS[kind]
         self.config = WorldConfig(turns=turns, form=form or "short")
+        self.most_turns = int(value) if option else turns
 
     def __len__(self) -> int:
         return NOMINAL_SIZE
@@ -44,6 +51,8 @@ class WorldSamples(Sequence):
         rng = random.Random(f"train/{self.seed}/{self.kind}/{i}")
         if self.kind == "caption":
             item = self.maker(rng, self.config, images=rng.choice((1, 1, 2, 3)))
+        elif self.most_turns > self.config.turns:  # drawn only then: two-turn streams stay as they always were
+            item = self.maker(rng, replace(self.config, turns=rng.randint(self.config.turns, self.most_turns)))
         else:
             item = self.maker(rng, self.config)
         return Sample(item.conversation, "all", f"{PREFIX}{self.kind}#{i}")
