@@ -5,8 +5,8 @@ after turn k — prefills only what is new in each.
 Each new conversation resumes from the held row that shares the longest start with it (token ids and images alike):
 the positions past the shared start, and the padding, are masked out, and only the rest of the prompt is embedded
 (its new images encoded) and fed, left-padded into one chunk. Positions come from the mask's running count, so a
-resumed row sees exactly what a fresh prefill of it would. Causal attention only: under MMCA, or with adapters
-(model.adapter), every batch is answered afresh, as `Chat.answer_batch` does.
+resumed row sees exactly what a fresh prefill of it would. Causal attention only: under MMCA, or with adapters or
+cross-attention (model.adapter, model.cross_attention), every batch is answered afresh, as `Chat.answer_batch` does.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class BatchSession:
     def answer_batch(self, conversations: Sequence[Conversation],
                      params: SamplingParams = SamplingParams()) -> list[str]:
         chat, processor = self.chat, self.chat.processor
-        if chat.model.config.attention != "causal" or chat.model.adapters is not None or not conversations:
+        if chat.model.config.attention != "causal" or chat.model.reader is not None or not conversations:
             self.cache, self.rows = None, []
             return chat.answer_batch(list(conversations), params)
         encoded = [processor.encode(c, generation=True) for c in conversations]

@@ -55,7 +55,9 @@ class LoraConfig:
     r: int = 0  # rank; 0 = no LoRA
     alpha: int = 16
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names inside the LM (and the vision tower)
+    # Module names inside the LM (and the vision tower), and in the cross-attention blocks (model.cross_attention):
+    # to_q, to_kv, to_out, ff_in, ff_out, as MultiModal-GPT's LoRA reaches them
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
     vision: bool = False  # also put LoRA on the vision tower (HF towers only)
 
 
@@ -93,6 +95,21 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class CrossAttentionConfig:
+    """Flamingo's gated cross-attention, as MultiModal-GPT uses it (`model/cross_attention.py`): an image costs the
+    LM one marker position, and gated blocks before every `every`-th LM layer let the text attend to the K connector
+    tokens of the images at or before it. Their tanh gates start at 0, so a new model computes what its LM did."""
+
+    every: int = 0  # a block before every k-th LM layer (Flamingo's cross_attn_every_n_layers; OpenFlamingo-9B: 4)
+    # Which images a text position attends to: "previous", Flamingo's immediately preceding image only; "all", every
+    # image so far (the former cannot compare two images in one attention, spec/peers.md §7.2)
+    sees: Literal["previous", "all"] = "previous"
+    heads: int = 8  # attention heads of a block (OpenFlamingo: 8)
+    head_dim: int = 64  # width of each (OpenFlamingo: 64)
+    ff_mult: int = 4  # the block's feed-forward is ff_mult × the LM's width (OpenFlamingo: 4)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vision: VisionConfig = VisionConfig()
     language: LanguageConfig = LanguageConfig()
@@ -113,6 +130,31 @@ class ModelConfig:
     # image rows also see earlier text. Both MMCA forms need no new weights, but no fused kernel fits them.
     attention: Literal["causal", "mmca", "mmca-image-sees-text"] = "causal"
     adapter: AdapterConfig = AdapterConfig()  # LLaMA-Adapter / ImageBind-LLM gated adapters; off by default
+    cross_attention: CrossAttentionConfig = CrossAttentionConfig()  # Flamingo / MultiModal-GPT; off by default
+
+
+def reader_switch(config: ModelConfig) -> str | None:
+    """The setting under which images are one marker position, read inside the LM's layers (adapters or
+    cross-attention, `model/layer_state.py`), as a message names it; None for neither."""
+    if config.adapter.kind != "none":
+        return f"model.adapter.kind={config.adapter.kind}"
+    if config.cross_attention.every:
+        return f"model.cross_attention.every={config.cross_attention.every}"
+    return None
+
+
+def check_reader_switches(config: ModelConfig) -> bool:
+    """Whether images are one marker position (`reader_switch`); ConfigError for the switches that cannot go with
+    that, or with each other."""
+    both = config.adapter.kind != "none" and config.cross_attention.every
+    if both:
+        raise ConfigError("model.adapter and model.cross_attention cannot go together: each reads the images in the "
+                          "LM's layers in its own way; choose one")
+    name = reader_switch(config)
+    if name and config.tiles.grid != (0, 0):
+        raise ConfigError(f"{name} and model.tiles cannot go together: an image there is one marker position, "
+                          "with no room for sub-image views")
+    return name is not None
 
 
 # Bounds of SamplingParams: OpenAI's 4 stop sequences (each at most MAX_STOP_CHARS long, so that checking each new

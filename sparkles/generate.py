@@ -16,8 +16,8 @@ import torch
 from .config import GREEDY_BELOW, SamplingParams
 from .conversation import Conversation, Message, Text
 from .errors import ContextLengthError
-from .model.adapters import Signal, adapter_kwargs
 from .model.attention import lm_kwargs
+from .model.layer_state import LayerState, state_kwargs
 from .processor import Processor, TextStream, push_rows
 
 
@@ -221,7 +221,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask: torch.Tensor | None = None,
              stop_ids: tuple[int, ...] = (), suppress_ids: tuple[int, ...] = (), cache: KVCache | None = None,
              seen: torch.Tensor | None = None, use_cache: bool = True, input_ids: torch.Tensor | None = None,
-             image_mask: torch.Tensor | None = None, signal: Signal | None = None) -> Iterator[torch.Tensor]:
+             image_mask: torch.Tensor | None = None, signal: LayerState | None = None) -> Iterator[torch.Tensor]:
     """Yield (B,) next-token ids until every row has hit a stop id or `max_new_tokens` are out.
 
     `embeds` (B, T, D) are the new positions, after whatever `cache` holds; rows are left-padded with
@@ -230,7 +230,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     the ids behind `embeds`, are recorded in `cache.token_ids` with every token fed back, so that a session knows
     what its cache holds. The last token yielded is not fed, so the cache never holds it. `image_mask` (B, T) marks
     the image tokens among the new positions, for MMCA (`VisionLanguageModel.image_positions`); None for causal.
-    `signal` covers the new positions for adapters (`VisionLanguageModel.signal`); generated tokens read its last.
+    `signal` covers the new positions for a reader (`VisionLanguageModel.signal`); generated tokens read as its last.
 
     Later steps of a plain Llama run `_Step` on a cache written in place (`_slab_class`): the same tokens, faster.
     """
@@ -260,13 +260,13 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     for n in range(params.max_new_tokens):
         if not use_cache:
             logits = lm(inputs_embeds=history, attention_mask=mask, position_ids=positions, use_cache=False,
-                        **lm_kwargs(images), **adapter_kwargs(signal)).logits[:, -1]  # (B, V)
+                        **lm_kwargs(images), **state_kwargs(signal)).logits[:, -1]  # (B, V)
         elif n and step is not None:
             logits = step(inputs, positions, mask[:, None, None, :].bool() if holes else None, cache.past)
         else:
             logits = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1]:],
                         use_cache=True, logits_to_keep=1, **cache_kwargs(lm, cache.past),
-                        **lm_kwargs(images), **adapter_kwargs(signal)).logits[:, -1]
+                        **lm_kwargs(images), **state_kwargs(signal)).logits[:, -1]
         if use_cache:
             cache.length, cache.mask, cache.image = cache.length + inputs.shape[1], mask if padded else None, images
             cache.token_ids += input_ids[0].tolist() if record else []
@@ -346,7 +346,7 @@ class Chat:
         embeds = torch.cat([nn_pad_left(e, width) for e, *_ in rows])  # (B, T, D)
         mask = torch.cat([nn_pad_left(torch.ones(1, e.shape[1], dtype=torch.long), width) for e, *_ in rows])
         images = None if rows[0][2] is None else torch.cat([nn_pad_left(i, width) for _, _, i, _ in rows])  # (B, T)
-        signal = None if rows[0][3] is None else Signal.left_padded([s for *_, s in rows], width)
+        signal = None if rows[0][3] is None else type(rows[0][3]).left_padded([s for *_, s in rows], width)
         # Padding the penalty's history with a token the row already has leaves the penalty exactly as for one row.
         longest = max(ids.shape[1] for _, ids, *_ in rows)
         seen = torch.cat([nn_pad_left(ids, longest, value=int(ids[0, 0])) for _, ids, *_ in rows])
@@ -361,9 +361,9 @@ class Chat:
                 break
         return [s.text.strip() for s in streams]
 
-    def _prompt(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Signal]:
+    def _prompt(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, LayerState]:
         """Prompt embeddings (1, T, D), the prompt's text ids (1, S) for the repetition penalty, its image
-        positions (1, T) for MMCA (None under causal attention) and its adapters' signal (or None)."""
+        positions (1, T) for MMCA (None under causal attention) and its reader's state (or None)."""
         encoded = self.processor.encode(conversation, generation=True)
         if len(encoded.rendered) >= self.processor.config.max_seq_len:
             raise ContextLengthError(f"no room left to answer: the prompt fills all {len(encoded.rendered)} positions")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import reader_switch
 from .errors import ConfigError
 from .model.attention import lm_kwargs
 
@@ -149,10 +150,11 @@ def lm_masks(model, mask: torch.Tensor) -> dict:
 
 def check_engine(model, config) -> None:
     """ConfigError for what the engine (and its prefix cache) cannot run: its `config` out of range, or a model with
-    adapters, whose rows would each need their own adapter signal carried through joins, merges and stored prefixes
-    (`model/adapters.py`); `Chat` and `ChatSession` serve such a model."""
+    adapters or cross-attention, whose rows would each need their own per-position state carried through joins,
+    merges and stored prefixes (`model/layer_state.py`); `Chat` and `ChatSession` serve such a model."""
     if config.max_batch < 1 or config.max_queue < 0:
         raise ConfigError(f"max_batch must be >= 1 and max_queue >= 0, got {config}")
-    if model.config.adapter.kind != "none":
-        raise ConfigError(f"model.adapter.kind={model.config.adapter.kind}: the serve engine and its prefix cache do "
-                          "not carry the adapters' per-row signal; use Chat or ChatSession, or a model without them")
+    switch = reader_switch(model.config)
+    if switch:
+        raise ConfigError(f"{switch}: the serve engine and its prefix cache do not carry the per-row state through "
+                          "which the LM's layers read the images; use Chat or ChatSession, or a model without it")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from .config import ModelConfig, VisionConfig
+from .config import ModelConfig, VisionConfig, check_reader_switches
 from .conversation import Conversation, Image, validate
 from .errors import ConfigError, ContextLengthError, InputError
 from .template import ChatTemplate, LossOn, Piece, SparklesTemplate
@@ -54,10 +54,9 @@ class Processor:
         if (rows > 0) != (cols > 0) or rows < 0 or cols < 0:
             raise ConfigError(f"tiles.grid must be (0, 0) (off) or two positive numbers, got {config.tiles.grid}")
         self.views = 1 + rows * cols  # per image: the global view, then the tiles row by row
-        # With adapters (model/adapters.py) an image is one marker position; its features enter the LM's layers.
-        self.adapted = config.adapter.kind != "none"
-        if self.adapted and self.views > 1:
-            raise ConfigError("model.adapter and model.tiles cannot go together: an adapted image is one position")
+        # With adapters or cross-attention (model/layer_state.py) an image is one marker position; its features
+        # enter the LM's layers.
+        self.adapted = check_reader_switches(config)
         # The skip token is only added when used: a model without it keeps its tokenizer (and vocabulary) as it was.
         skips = self.views > 1 and config.tiles.skip_empty
         self.skip_token_id = ensure_special_token(tokenizer, SKIP_TOKEN) if skips else None
@@ -106,7 +105,7 @@ class Processor:
 
     def image_tokens(self, image: Image) -> list[int]:
         """The ids of one image slot: K image tokens per view, and one skip token for each skipped tile; with
-        adapters one marker position (the image token once)."""
+        adapters or cross-attention one marker position (the image token once)."""
         if self.adapted:
             return [self.image_token_id]
         k = self.config.tokens_per_image

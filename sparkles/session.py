@@ -21,7 +21,7 @@ from .config import SamplingParams
 from .conversation import Conversation, Image, Message, Text, user_message, validate
 from .errors import ContextLengthError, InputError
 from .generate import KVCache, deltas, generate
-from .model.adapters import Signal
+from .model.layer_state import LayerState
 from .processor import Processor, Rendered, TextStream
 
 _FULL_HASH = re.compile(r"[0-9a-f]{64}")
@@ -194,14 +194,14 @@ class ChatSession:
         self._commit(turn, stream.text)
 
     @torch.inference_mode()
-    def _prefix(self, turn: _Turn) -> tuple[torch.Tensor, int, torch.Tensor, Signal | None]:
+    def _prefix(self, turn: _Turn) -> tuple[torch.Tensor, int, torch.Tensor, LayerState | None]:
         """The prompt's ids (1, T), how many cached positions it reuses, the embeddings of the rest, and their
-        adapters' signal (None without adapters)."""
+        reader's state (None without adapters or cross-attention)."""
         prompt = torch.tensor([turn.rendered.input_ids], device=self.model.device)
         reuse = self._keep(turn.rendered, turn.keys)
         embeds = self.model.embed(prompt[:, reuse:], self._features(turn, reuse))  # (1, T - reuse, D)
         signal = None
-        if self.model.adapters is not None:  # the new positions may read an image the cache holds: start from 0
+        if self.model.reader is not None:  # the new positions may read an image the cache holds: start from 0
             signal = self.model.signal(prompt, self._features(turn, 0)).tail(prompt.shape[1] - reuse)
         self.stats.update(tokens_reused=reuse, tokens_prefilled=prompt.shape[1] - reuse, turns_dropped=turn.dropped)
         return prompt, reuse, embeds, signal

@@ -30,12 +30,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
+from .layer_state import decoder_layers, images_so_far, state_kwargs, write_markers
 
 ADAPTER = "sparkles_adapter"  # LM forward keyword: a `Signal` covering the positions fed in that call
 KINDS = ("llama-adapter", "imagebind")
@@ -43,10 +45,12 @@ KINDS = ("llama-adapter", "imagebind")
 
 @dataclass(frozen=True)
 class Signal:
-    """The projected visual signal u (B, Q, D) of the positions an LM call feeds, and the adapters that read it."""
+    """The projected visual signal u (B, Q, D) of the positions an LM call feeds, and the adapters that read it:
+    a `layer_state.LayerState`."""
 
     u: torch.Tensor
     bank: Adapters
+    keyword: ClassVar[str] = ADAPTER
 
     def tail(self, n: int) -> Signal:
         """The last n positions: what a cached call over them reads."""
@@ -63,9 +67,7 @@ class Signal:
         return Signal(torch.cat(rows), signals[0].bank)
 
 
-def adapter_kwargs(signal: Signal | None) -> dict:
-    """The LM forward's extra keyword for adapters: none without them."""
-    return {} if signal is None else {ADAPTER: signal}
+adapter_kwargs = state_kwargs  # the LM forward's extra keyword for adapters: none without them
 
 
 class Adapters(nn.Module):
@@ -89,10 +91,7 @@ class Adapters(nn.Module):
 
     def embed(self, text: torch.Tensor, is_image: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """(B, T, D) text embeddings with the marker written at each image's one position."""
-        slots, have = int(is_image.sum()), 0 if image_embeds is None else image_embeds.shape[0]
-        if slots != have:
-            raise InputError(f"image markers: {slots} (adapters give each image one position), images: {have}")
-        return torch.where(is_image[..., None], self.marker.to(text.dtype), text)
+        return write_markers(text, is_image, image_embeds, self.marker)
 
     def signal(self, is_image: torch.Tensor, image_embeds: torch.Tensor | None,
                starts: torch.Tensor | None = None) -> Signal:
@@ -104,10 +103,7 @@ class Adapters(nn.Module):
         pooled = weight.new_zeros(1, weight.shape[1])  # row 0: no image yet
         if image_embeds is not None:
             pooled = torch.cat([pooled, image_embeds.mean(1).to(weight.dtype)])  # (1 + N, D)
-        count = is_image.long().cumsum(-1)  # (B, T) images at or before t in this row
-        seen = torch.zeros_like(count)  # (B, T) images of the row before t's sample began
-        if starts is not None:
-            seen = torch.where(starts, count - is_image.long(), 0).cummax(-1).values
+        count, seen = images_so_far(is_image, starts)  # (B, T) each
         before = is_image.sum(-1).cumsum(0) - is_image.sum(-1)  # (B,) images in earlier rows
         index = torch.where(count > seen, before[:, None] + count, 0)  # (B, T) row of `pooled`
         return Signal(self.proj(pooled)[index.to(pooled.device)], self)  # projected once, for every layer
@@ -171,14 +167,6 @@ def adapter_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     return out + signal.bank.prompt_attention(module, query, signal, scaling).to(out.dtype), weights
 
 
-def _decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"adapters: cannot find the decoder layers of {type(lm).__name__} (expected .model.layers)")
-    return layers
-
-
 def add_adapters(lm: nn.Module, connector: nn.Module, config: ModelConfig, width: int) -> None:
     """Give the connector the adapters and the LM's top layers the hooks (or attention) that read them."""
     adapter = config.adapter
@@ -186,7 +174,7 @@ def add_adapters(lm: nn.Module, connector: nn.Module, config: ModelConfig, width
         return
     if adapter.kind not in KINDS:
         raise ConfigError(f"unknown adapter.kind {adapter.kind!r}; expected one of {['none', *KINDS]}")
-    layers = _decoder_layers(lm)
+    layers = decoder_layers(lm, "adapters")
     top = adapter.layers or len(layers)
     if not 0 < top <= len(layers) or adapter.prompt_len < 1:
         raise ConfigError(f"adapter.layers must be 0 (all) or 1..{len(layers)} and adapter.prompt_len >= 1, got "

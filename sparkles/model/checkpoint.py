@@ -37,7 +37,10 @@ def save_checkpoint(model: VisionLanguageModel, processor: Processor, folder: st
     if trainable_only:
         _check_frozen_parts_have_sources(model)
     try:
-        names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+        # The connector has no pretrained folder: it is kept whole, with weights LoRA froze in it (model.lora on
+        # the cross-attention blocks).
+        names = ({n for n, p in model.named_parameters() if p.requires_grad or n.startswith("connector.")}
+                 if trainable_only else None)
         state = {k: v for k, v in model.state_dict().items() if names is None or k in names}
         # Tied weights share storage; safetensors refuses that, so each tensor gets its own copy.
         save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp / "model.safetensors"))

@@ -89,6 +89,10 @@ def check_exportable(model: VisionLanguageModel) -> None:
     if config.adapter.kind != "none":
         problems.append(f"adapter {config.adapter.kind!r}: LLaVA's LM has no gated adapters and gives an image K "
                         "tokens, not one marker; exported, the model would lose what it learnt to read images with")
+    if config.cross_attention.every:
+        problems.append(f"cross_attention (every {config.cross_attention.every} layers): LLaVA's LM has no gated "
+                        "cross-attention blocks and gives an image K tokens, not one marker; exported, the model "
+                        "would lose what it learnt to read images with")
     if not hasattr(model.lm, "lm_head") or not hasattr(model.lm, "model"):
         problems.append(f"language model {type(model.lm).__name__}: expected an HF causal LM (…ForCausalLM)")
     if problems:

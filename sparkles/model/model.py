@@ -16,9 +16,11 @@ from ..config import ModelConfig
 from ..errors import ConfigError, InputError
 from ..processor import Processor
 from ..tokenizer import NAMED, byte_tokenizer, load_tokenizer
-from .adapters import Signal, adapter_kwargs, add_adapters
+from .adapters import add_adapters
 from .attention import lm_kwargs, use_attention
 from .connectors import CONNECTORS
+from .cross_attention import add_cross_attention
+from .layer_state import LayerState, Reader, state_kwargs
 from .mixed import build_towers, resolve
 from .tiles import add_skip_token, encode_views, merge_views
 from .visual_cache import load_visual_cache
@@ -56,9 +58,12 @@ class VisionLanguageModel(nn.Module):
             part = getattr(self, name)
             part.requires_grad_(name in parts)
             if name in parts and _has_lora(part):
-                # With adapters, a trainable part learns through its adapters only; the base stays frozen.
+                # With LoRA, a trainable part learns through its LoRA only; the base stays frozen. In the connector
+                # LoRA reaches only the cross-attention blocks (`cross_attention.py`): the weights it wraps stay as
+                # they are, and the connector's other weights (the resampler, the blocks' gates) learn as before.
                 for param_name, param in part.named_parameters():
-                    param.requires_grad_("lora_" in param_name)
+                    param.requires_grad_("lora_" in param_name or (name == "connector" and "base_layer" not in
+                                                                   param_name))
         self.trainable = tuple(parts)
         self.train(self.training)
 
@@ -93,8 +98,8 @@ class VisionLanguageModel(nn.Module):
             is_image = is_image | (input_ids == self.skip_token_id)  # a skipped tile's one position
         # Image-token ids are never looked up: the tokenizer may have added them past the end of the table.
         text = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
-        if self.adapters is not None:  # one marker position per image; the features go to `signal`
-            return self.adapters.embed(text, is_image, image_embeds)
+        if self.reader is not None:  # one marker position per image; the features go to `signal`
+            return self.reader.embed(text, is_image, image_embeds)
         rows, cols = self.config.tiles.grid
         if rows:
             skips = input_ids[is_image] == (-1 if self.skip_token_id is None else self.skip_token_id)  # (S,)
@@ -115,15 +120,25 @@ class VisionLanguageModel(nn.Module):
         """LLaMA-Adapter's / ImageBind-LLM's adapters (`adapters.py`), kept in the connector; None when off."""
         return getattr(self.connector, "adapter", None)
 
+    @property
+    def cross_attention(self):
+        """Flamingo's gated cross-attention blocks (`cross_attention.py`), kept in the connector; None when off."""
+        return getattr(self.connector, "cross", None)
+
+    @property
+    def reader(self) -> Reader | None:
+        """The adapters or the cross-attention blocks, whichever reads the images inside the LM; None for neither."""
+        return self.adapters if self.adapters is not None else self.cross_attention
+
     def signal(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None) -> Signal | None:
-        """What the adapted layers read at each of the (B, T) positions (`adapters.Signal`); None without adapters.
-        A call on a KV cache passes every position from the start (images too) and keeps the tail it feeds. Packed
-        rows pass their `position_ids`: a sample begins where they restart at 0."""
-        if self.adapters is None:
+               position_ids: torch.Tensor | None = None) -> LayerState | None:
+        """What the reader's layers read at each of the (B, T) positions (`layer_state.LayerState`); None without a
+        reader. A call on a KV cache passes every position from the start (images too) and keeps the tail it
+        feeds. Packed rows pass their `position_ids`: a sample begins where they restart at 0."""
+        if self.reader is None:
             return None
         starts = None if position_ids is None else position_ids.expand_as(input_ids) == 0
-        return self.adapters.signal(input_ids == self.image_token_id, image_embeds, starts)
+        return self.reader.signal(input_ids == self.image_token_id, image_embeds, starts)
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """(B, T) True at image tokens, for an attention that treats them apart (MMCA); None under causal attention,
@@ -145,7 +160,7 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(input_ids, images)
         signal = self.signal(input_ids, images, position_ids)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
-                       **lm_kwargs(self.image_positions(input_ids)), **adapter_kwargs(signal))
+                       **lm_kwargs(self.image_positions(input_ids)), **state_kwargs(signal))
 
 
 def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=None, dtype: torch.dtype | None = None,
@@ -167,8 +182,9 @@ def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=Non
     connector = connector_cls(vision.out_dim, width, num_tokens=vision.num_tokens,
                               tokens_per_image=config.tokens_per_image)
     add_skip_token(connector, config, width)
+    cross = add_cross_attention(lm, connector, config, width)
     if config.lora.r:
-        lm = _with_lora(lm, config.lora)
+        lm = _with_lora(lm, config.lora, also=cross)
         if config.lora.vision:
             vision = _with_lora(vision, config.lora)
     add_adapters(lm, connector, config, width)  # after LoRA: the prompt branch calls k_proj/v_proj as they end up
@@ -184,19 +200,24 @@ def build_model(config: ModelConfig, *, load_weights: bool = True, tokenizer=Non
     return model, processor
 
 
-def _with_lora(module: nn.Module, lora) -> nn.Module:
-    """Wrap a part with peft LoRA adapters (B starts at zero, so the wrapped part computes what it did before)."""
+def _with_lora(module: nn.Module, lora, *, also: nn.Module | None = None) -> nn.Module:
+    """Wrap a part with peft LoRA adapters (B starts at zero, so the wrapped part computes what it did before);
+    `also` (the cross-attention blocks, which live in the connector) gets them where the targets name its modules."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ConfigError("LoRA needs peft: pip install 'sparkles[lora]'") from None
-    names = {n.rsplit(".", 1)[-1] for n, _ in module.named_modules()}
-    if not set(lora.targets) & names:
+    parts = [m for m in (module, also) if m is not None]
+    names = [{n.rsplit(".", 1)[-1] for n, _ in m.named_modules()} for m in parts]
+    if not set(lora.targets) & set().union(*names):
         raise ConfigError(f"no module named {list(lora.targets)} in {type(module).__name__} for LoRA "
-                          f"(it has e.g. {sorted(names - {''})[:8]})")
+                          f"(it has e.g. {sorted(names[0] - {''})[:8]})")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.targets))
-    return inject_adapter_in_model(config, module)
+    for part, held in zip(parts, names):
+        if set(lora.targets) & held:  # peft refuses a module none of whose names it targets
+            inject_adapter_in_model(config, part)
+    return module
 
 
 def _has_lora(module: nn.Module) -> bool:
