@@ -21,6 +21,11 @@ class ImageLoadError(InputError):
     """An image that cannot be read: missing, unreadable, too large, or from a source that is not allowed."""
 
 
+class ImageTimeoutError(ImageLoadError):
+    """An image source too slow to read within its deadline: the server answers 504, since the source (a remote
+    host, a slow filesystem) failed, not the request's form."""
+
+
 class ContextLengthError(InputError):
     """The conversation does not fit the model's context."""
 

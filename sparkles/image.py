@@ -28,10 +28,12 @@ from PIL import Image, ImageOps
 
 from .conversation import Conversation, Message
 from .conversation import Image as ConversationImage
-from .errors import ImageLoadError
+from .errors import ImageLoadError, ImageTimeoutError
 
 DEFAULT_MAX_BYTES = 20 * 2**20  # refuse sources larger than this
 DEFAULT_MAX_PIXELS = 6000 * 6000  # refuse images whose width*height exceeds this (decompression bombs)
+
+_CHUNK = 1 << 20  # bytes per read of a file: the deadline is checked between reads
 
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -68,11 +70,14 @@ def load_image(
     timeout: float = 10.0,
     root: str | os.PathLike | None = None,
     check_size: Callable[[tuple[int, int]], None] | None = None,
+    deadline: float | None = None,
 ) -> LoadedImage:
     """Load `source` (a path, bytes, data: URI, http(s) URL or PIL image) as RGB pixels; see the module docstring.
 
     `check_size((width, height))` runs on the size the header gives, before any pixel is decoded, and may raise: a
-    caller's own budget (the server's pixels per request) refuses a large image at the cost of reading its header."""
+    caller's own budget (the server's pixels per request) refuses a large image at the cost of reading its header.
+    `deadline` (a `time.monotonic()` time) ends reading a file or URL between chunks with an `ImageTimeoutError`: a
+    caller's total for several images. One read blocked inside the OS is not interrupted (see the README)."""
     if isinstance(source, Image.Image):
         # _decode loads it, so tobytes() below is cheap
         pixels = _decode(lambda: source, "<PIL image>", max_pixels, check_size)
@@ -80,12 +85,12 @@ def load_image(
         digest.update(bytes(source.getpalette() or ()) if source.mode == "P" else b"")  # indices alone say little
         digest.update(source.tobytes())
         return LoadedImage(pixels, digest.hexdigest(), "<PIL image>")
-    data, label = _read_source(source, allow_http, max_bytes, timeout, root)
+    data, label = _read_source(source, allow_http, max_bytes, timeout, root, deadline)
     pixels = _decode(lambda: Image.open(io.BytesIO(data)), label, max_pixels, check_size)
     return LoadedImage(pixels, image_sha256(data), label)
 
 
-def _read_source(source, allow_http: bool, max_bytes: int, timeout: float, root) -> tuple[bytes, str]:
+def _read_source(source, allow_http: bool, max_bytes: int, timeout: float, root, deadline) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         _check_bytes(len(data), "<bytes>", max_bytes)
@@ -103,7 +108,7 @@ def _read_source(source, allow_http: bool, max_bytes: int, timeout: float, root)
                     f"cannot load image {source}: http(s) images are turned off; "
                     "pass allow_http=True to load_image to allow them"
                 )
-            return _read_url(source, max_bytes, timeout), source
+            return _read_url(source, max_bytes, timeout, deadline), source
         if scheme:
             raise ImageLoadError(
                 f"cannot load image {source}: expected a file path, data: URI or http(s) URL, "
@@ -113,13 +118,13 @@ def _read_source(source, allow_http: bool, max_bytes: int, timeout: float, root)
         path = Path(os.fspath(source)).expanduser()
         if root is not None and not path.is_absolute():
             path = Path(root).expanduser() / path
-        return _read_file(path, max_bytes), str(path)
+        return _read_file(path, max_bytes, deadline), str(path)
     raise ImageLoadError(
         f"expected an image path, bytes, data: URI, http(s) URL or PIL image, got {type(source).__name__}"
     )
 
 
-def _read_file(path: Path, max_bytes: int) -> bytes:
+def _read_file(path: Path, max_bytes: int, deadline: float | None = None) -> bytes:
     # Regular files only: a FIFO, a device or a socket would block a worker for ever (or stream without end). The
     # open never blocks (O_NONBLOCK), and the check runs on the opened file, so a swap after a stat cannot slip by.
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
@@ -133,7 +138,7 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
             if _file_kind(info.st_mode) != "regular file":
                 raise ImageLoadError(f"expected an image file, got a {_file_kind(info.st_mode)}: {path}")
             _check_bytes(info.st_size, str(path), max_bytes)
-            data = _read_up_to(f, max_bytes + 1)  # a file growing under us stops at the limit
+            data = _read_up_to(f, max_bytes + 1, deadline, path)  # a file growing under us stops at the limit
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {path}") from None
     except PermissionError:
@@ -153,10 +158,13 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
-def _read_up_to(f, limit: int) -> bytes:
+def _read_up_to(f, limit: int, deadline: float | None = None, path=None) -> bytes:
     chunks, size = [], 0
     while size < limit:
-        chunk = f.read(min(1 << 20, limit - size))
+        # A slow filesystem (a network mount) returns each chunk late; checking between chunks bounds the total.
+        if deadline is not None and time.monotonic() > deadline:
+            raise ImageTimeoutError(f"cannot read image file {path}: it came too slowly, {size} bytes by the deadline")
+        chunk = f.read(min(_CHUNK, limit - size))
         if not chunk:
             break
         chunks.append(chunk)
@@ -195,11 +203,12 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
-def _read_url(url: str, max_bytes: int, timeout: float) -> bytes:
-    """GET `url` with `timeout` seconds for the connection and each read, and 3 × `timeout` for the whole body, so a
-    server that drips bytes cannot hold a worker."""
+def _read_url(url: str, max_bytes: int, timeout: float, deadline: float | None = None) -> bytes:
+    """GET `url` with `timeout` seconds for the connection and each read, and 3 × `timeout` (or less, to `deadline`)
+    for the whole body, so a server that drips bytes cannot hold a worker."""
     opener = urllib.request.build_opener(_HttpOnlyRedirects)
-    deadline = time.monotonic() + 3 * timeout
+    start = time.monotonic()
+    deadline = min(start + 3 * timeout, deadline if deadline is not None else float("inf"))
     try:
         with opener.open(url, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
@@ -208,8 +217,8 @@ def _read_url(url: str, max_bytes: int, timeout: float) -> bytes:
             data = bytearray()
             while len(data) <= max_bytes:
                 if time.monotonic() > deadline:
-                    raise ImageLoadError(f"cannot fetch image {url}: expected the whole image within {3 * timeout:g} "
-                                         f"s, got {len(data)} bytes by then")
+                    raise ImageTimeoutError(f"cannot fetch image {url}: expected the whole image within "
+                                            f"{deadline - start:g} s, got {len(data)} bytes by then")
                 chunk = response.read1(min(1 << 16, max_bytes + 1 - len(data)))  # one recv: returns as bytes come
                 if not chunk:
                     break

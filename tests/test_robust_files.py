@@ -373,7 +373,7 @@ def test_checkpoint_files_and_folders_are_fsynced_before_and_after_the_rename(tm
     assert synced == [(f"{tmp}/rank-0.pt", False), (f"{tmp}/weights.safetensors", False),
                       (f"{tmp}/optimizer.pt", False), (f"{tmp}/state.json", False), (tmp, False), (".", True)]
     point = resume.resume_point(tmp_path, resume.Dist())
-    assert point.state == {"step": 1, "position": 3, "world": 1} and set(point.weights) == {"w"}
+    assert point.state == {"step": 1, "position": 3, "world": 1, "seconds": 0.0} and set(point.weights) == {"w"}
 
 
 def test_repair_tail_finds_the_last_newline_across_blocks(tmp_path):

@@ -174,7 +174,8 @@ def test_load_image_checks_the_header_size_before_decoding(decodes):
     assert load_image(buffer.getvalue(), check_size=seen.append).pixels.size == (64, 48) and len(decodes) == 1
 
 
-# Workers: how many requests are prepared at once, and a /health that sees a starved pool
+# Workers: how many requests are prepared at once, and a /health that sees a starved pool (light_pixels=0: every
+# request shares the one pool under test; the lane for light requests is tested in test_server_inflight.py)
 
 
 @pytest.fixture
@@ -216,7 +217,7 @@ async def _until(condition, client):
 
 
 def test_the_workers_bound_how_many_requests_are_prepared_at_once(engine, slow_loads):
-    app = create_app(engine, ServeConfig(workers=2, max_waiting=8))
+    app = create_app(engine, ServeConfig(workers=2, max_waiting=8, light_pixels=0))
 
     async def scenario(client):
         posts = [asyncio.create_task(client.post("/v1/chat/completions", json=body(f"Hello {i}"))) for i in range(6)]
@@ -230,7 +231,7 @@ def test_the_workers_bound_how_many_requests_are_prepared_at_once(engine, slow_l
 
 
 def test_past_the_waiting_limit_a_request_gets_503_with_retry_after(engine, slow_loads):
-    app = create_app(engine, ServeConfig(workers=1, max_waiting=1))
+    app = create_app(engine, ServeConfig(workers=1, max_waiting=1, light_pixels=0))
 
     async def scenario(client):
         first = asyncio.create_task(client.post("/v1/chat/completions", json=body("one")))
@@ -249,7 +250,7 @@ def test_past_the_waiting_limit_a_request_gets_503_with_retry_after(engine, slow
 
 
 def test_a_request_that_waits_too_long_for_a_worker_gets_503(engine, slow_loads):
-    app = create_app(engine, ServeConfig(workers=1, max_waiting=4, worker_wait=0.01))
+    app = create_app(engine, ServeConfig(workers=1, max_waiting=4, worker_wait=0.01, light_pixels=0))
 
     async def scenario(client):
         first = asyncio.create_task(client.post("/v1/chat/completions", json=body("one")))
@@ -266,7 +267,7 @@ def test_a_request_that_waits_too_long_for_a_worker_gets_503(engine, slow_loads)
 
 
 def test_health_says_degraded_while_the_pool_is_starved_and_ok_after(engine, slow_loads):
-    app = create_app(engine, ServeConfig(workers=1, degraded_after=0.0))
+    app = create_app(engine, ServeConfig(workers=1, degraded_after=0.0, light_pixels=0))
 
     async def scenario(client):
         before = await client.get("/health")

@@ -87,6 +87,13 @@ class PixelBudget:
                            f"{self.used}; send fewer or smaller images", param="messages", code="too_large")
 
 
+def _set_soon(loop, future) -> None:
+    try:
+        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+    except RuntimeError:  # the loop has closed: nobody waits
+        pass
+
+
 class Workers:
     """A pool of `workers` threads that prepare requests, with at most `max_waiting` waiting for a thread, each for
     at most `max_wait` seconds; past either the caller gets a 503 with Retry-After rather than a queue without end.
@@ -106,34 +113,60 @@ class Workers:
         self._lock = threading.Lock()
         self._waiting: dict[object, float] = {}  # task -> when it was submitted
         self._busy: dict[object, float] = {}  # task -> when a thread took it
-        self.refused = 0
+        self.refused = self.abandoned = 0
 
-    async def run(self, fn, *args):
-        """`fn(*args)` on a pool thread; ApiError 503 when too many wait or none frees up within `max_wait`."""
+    async def run(self, fn, *args, timeout: float | None = None, on_late=None):
+        """`fn(*args)` on a pool thread; ApiError 503 when too many wait or none frees up within `max_wait`, and
+        504 when it has run `timeout` seconds. A thread cannot be stopped from outside: the late call runs on
+        (counted as busy and `abandoned` until it returns), and what it returns goes to `on_late`."""
         task = object()
         with self._lock:
             if len(self._waiting) >= self.max_waiting + max(0, self.workers - len(self._busy)):
                 self.refused += 1
                 raise self._busy_error(f"{len(self._waiting)} already waiting for a worker")
             self._waiting[task] = time.monotonic()
-        future = self._pool.submit(self._call, task, fn, args)
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()  # set from the thread that takes the task: its `timeout` counts from then
+        future = self._pool.submit(self._call, task, fn, args, lambda: _set_soon(loop, started))
         future.add_done_callback(lambda _: self._forget(task))  # a task cancelled before it ran
         wrapped = asyncio.wrap_future(future)
         try:
-            done, _ = await asyncio.wait({wrapped}, timeout=self.max_wait)
-        except asyncio.CancelledError:
-            future.cancel()
+            done, _ = await asyncio.wait({wrapped, started}, timeout=self.max_wait,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done and future.cancel():  # still waiting: it never starts; once started, it runs to the end
+                with self._lock:
+                    self.refused += 1
+                raise self._busy_error(f"no worker was free for {self.max_wait:g} s")
+            if timeout is not None and not wrapped.done():
+                with self._lock:
+                    begun = self._busy.get(task, time.monotonic())
+                done, _ = await asyncio.wait({wrapped}, timeout=max(0.0, begun + timeout - time.monotonic()))
+                if not done:
+                    raise ApiError(504, f"preparing this request took over {timeout:g} s (a source of its images "
+                                   "is stuck); it was given up", kind="server_error", code="timeout")
+            return await wrapped
+        except BaseException:
+            if not future.done() and not future.cancel():  # given up (a 504, or the caller left) while it runs
+                self._abandon(future, on_late)
+                wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())  # its error is on_late's
             raise
-        if not done and future.cancel():  # still waiting: it never starts; once started, it runs to the end
-            with self._lock:
-                self.refused += 1
-            raise self._busy_error(f"no worker was free for {self.max_wait:g} s")
-        return await wrapped
 
-    def _call(self, task, fn, args):
+    def _abandon(self, future, on_late) -> None:
+        with self._lock:
+            self.abandoned += 1
+
+        def late(_):
+            with self._lock:
+                self.abandoned -= 1
+            if on_late is not None and not future.cancelled() and future.exception() is None:
+                on_late(future.result())
+        future.add_done_callback(late)
+
+    def _call(self, task, fn, args, on_start):
         with self._lock:
             self._waiting.pop(task, None)
             self._busy[task] = time.monotonic()
+        on_start()
         try:
             return fn(*args)
         finally:
@@ -152,13 +185,14 @@ class Workers:
         """Counts and ages in seconds; `degraded` when a task waited too long or every thread is stuck."""
         now = time.monotonic()
         with self._lock:
-            waiting, busy, refused = list(self._waiting.values()), list(self._busy.values()), self.refused
+            waiting, busy, refused, abandoned = (list(self._waiting.values()), list(self._busy.values()), self.refused,
+                                                 self.abandoned)
         oldest_wait = now - min(waiting) if waiting else 0.0
         # Every thread taken, and the most recent taken too long ago: the next request would wait however few come.
         stuck = len(busy) >= self.workers and now - max(busy) > self.degraded_after
         return {"workers": self.workers, "busy": len(busy), "waiting": len(waiting),
                 "oldest_wait_s": round(oldest_wait, 3), "longest_busy_s": round(now - min(busy), 3) if busy else 0.0,
-                "refused": refused, "degraded": stuck or oldest_wait > self.degraded_after}
+                "refused": refused, "abandoned": abandoned, "degraded": stuck or oldest_wait > self.degraded_after}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

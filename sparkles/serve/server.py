@@ -1,32 +1,29 @@
 """The OpenAI-compatible HTTP server: GET /v1/models, POST /v1/chat/completions (JSON and SSE), GET /health.
 
-An I/O edge: it checks requests, loads images by the server's rules (data: URLs; files only in --allowed-image-dir;
-http(s) only if allowed, never from private addresses), hands conversations to the batching `Engine`, and answers
-every error with OpenAI's error body. fastapi and uvicorn are imported inside functions."""
+An I/O edge: it reads bodies within a server-wide budget (inflight.py), checks requests, loads images by the
+server's rules (images.py), hands conversations to the batching `Engine`, and answers every error with OpenAI's
+error body. fastapi and uvicorn are imported inside functions."""
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
-import socket
 import time
 import uuid
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
 
-from ..conversation import Conversation, Image, Message
+from ..conversation import Conversation
 from ..engine import ROW_FAILED, Engine, EngineClosedError, EngineConfig, QueueFullError
-from ..errors import ConfigError, ContextLengthError, ImageLoadError, InputError, SparklesError
-from ..image import check_public_addresses
-from .limits import PixelBudget, Workers, check_text, release_memory, text_limit
+from ..errors import ConfigError, ContextLengthError, ImageLoadError, ImageTimeoutError, SparklesError
+from .images import allowed_path, fetch_image, load_request_images, load_source, peek_pixels  # noqa: F401
+from .inflight import BodyBudget, read_json
+from .limits import Workers, check_text, release_memory, text_limit
 from .requests import ApiError, ChatRequest, check_conversation, parse_request  # noqa: F401 (ApiError: re-exported)
 
 log = logging.getLogger(__name__)
-MAX_REDIRECTS = 3
+MAX_STRUCTURE = 100_000  # JSON values a body may hold besides its text's commas and brackets (inflight.check_values)
 
 
 @dataclass(frozen=True)
@@ -44,110 +41,17 @@ class ServeConfig:
     worker_wait: float = 30.0  # seconds a request may wait for a worker
     degraded_after: float = 5.0  # /health says "degraded" once a request waited this long or every worker is stuck
     max_body_bytes: int = 64 * 2**20  # the whole request body
+    max_body_in_flight: int = 256 * 2**20  # bytes of all bodies being read, parsed or prepared at once (inflight.py)
+    body_wait: float = 5.0  # seconds a body may wait for room in that budget before a 503
+    body_timeout: float = 60.0  # seconds for a whole body to arrive before a 408 (a client dripping bytes)
+    image_timeout: float = 30.0  # seconds for all images of one request, read and decoded, before a 504
+    light_pixels: int = 2**20  # requests whose data: images say they have fewer pixels than this in all have a
+    #   worker thread of their own, so that requests of large images cannot make them wait (_prepare); 0 = none
     http_timeout: float = 10.0  # seconds for one image download, redirects included
     default_max_tokens: int = 512  # when a request names no max_tokens (cut to the room left in the context)
     max_batch: int = 8  # rows the engine decodes together (when the server builds the engine)
     max_queue: int = 64  # requests waiting to join the batch; past this the server answers 429
     prefix_cache_mb: float = 1024  # KV of recent prompts, to resume requests that start alike (their history); 0 = off
-
-
-# Images: where they may come from
-
-
-def load_request_images(conversation: Conversation, config: ServeConfig, max_images: int) -> Conversation:
-    """Load every image of a request under the server's rules, counting them before decoding any."""
-    if (count := len(conversation.slots)) > max_images:
-        raise InputError(f"too many images: {count}; this server takes at most {max_images} per request")
-
-    budget = PixelBudget(config.max_request_pixels)  # spent from each header: the image that overdraws never decodes
-
-    def load(part):
-        if not isinstance(part, Image) or part.pixels is not None:
-            return part
-        loaded = load_source(part.source, config, check_size=lambda size: budget.take(size, part.name))
-        return replace(part, pixels=loaded.pixels, sha256=loaded.sha256)
-    messages = tuple(Message(m.role, tuple(load(p) for p in m.parts)) for m in conversation.messages)
-    return replace(conversation, messages=messages)
-
-
-def load_source(source: str, config: ServeConfig, check_size=None):
-    """A data: URL, a file under the allowed folder (a path or file:// URL), or a public http(s) URL."""
-    from ..image import load_image
-    limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels, "check_size": check_size}
-    scheme = urlsplit(source).scheme.lower()
-    if scheme == "data":
-        return load_image(source, **limits)
-    if scheme in ("http", "https"):
-        if not config.allow_http:
-            raise ImageLoadError(f"cannot load image {source[:80]}: http(s) image URLs are turned off on this "
-                                 "server; send the image as a data: URL (or start the server with --allow-http)")
-        return load_image(fetch_image(source, max_bytes=config.max_image_bytes, timeout=config.http_timeout),
-                          **limits)
-    if scheme not in ("", "file"):
-        raise ImageLoadError(f"cannot load image {source[:80]}: expected a data:, http(s) or file URL")
-    raw = unquote(urlsplit(source).path) if scheme == "file" else source
-    path = allowed_path(raw, config.allowed_image_dir)
-    try:
-        return load_image(str(path), **limits)
-    except ImageLoadError as e:  # its message names the real path; the client sees only the one it sent
-        raise ImageLoadError(str(e).replace(str(path), raw)) from None
-
-
-def allowed_path(raw: str, folder: str | None) -> Path:
-    """The real path of `raw` (relative to `folder`, symlinks resolved) if it lies inside `folder`."""
-    if folder is None:
-        raise ImageLoadError(f"cannot load image {raw[:80]}: local image files are turned off on this server; "
-                             "send the image as a data: URL (or start the server with --allowed-image-dir DIR)")
-    try:
-        root, path = Path(folder).resolve(), (Path(folder).resolve() / raw).resolve()
-    except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops
-        raise ImageLoadError(f"cannot load image {raw[:80]}: not a usable path ({e})") from None
-    if not path.is_relative_to(root):
-        raise ImageLoadError(f"cannot load image {raw[:80]}: the path is outside the allowed image folder")
-    return path
-
-
-def fetch_image(url: str, *, max_bytes: int, timeout: float, resolve=socket.getaddrinfo, transport=None) -> bytes:
-    """GET an image from a public address: every hop's host is resolved, checked and pinned (no DNS rebinding)."""
-    import httpx
-    deadline = time.monotonic() + timeout
-    with httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            pinned, headers, extensions = _pin(url, resolve)
-            try:
-                with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
-                    if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
-                        continue
-                    if response.status_code != 200:
-                        raise ImageLoadError(f"cannot fetch image {url[:80]}: HTTP {response.status_code}")
-                    data = bytearray()
-                    for chunk in response.iter_bytes():
-                        data += chunk
-                        if len(data) > max_bytes or time.monotonic() > deadline:  # also a server dripping bytes
-                            raise ImageLoadError(f"cannot fetch image {url[:80]}: over {max_bytes} B or {timeout} s")
-                    return bytes(data)
-            except httpx.HTTPError as e:
-                raise ImageLoadError(f"cannot fetch image {url[:80]}: {type(e).__name__}") from None
-    raise ImageLoadError(f"cannot fetch image {url[:80]}: more than {MAX_REDIRECTS} redirects")
-
-
-def _pin(url: str, resolve) -> tuple[str, dict, dict]:
-    """The URL with its host replaced by a checked public IP, plus the Host header and TLS name to keep."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.username or parts.password:
-        raise ImageLoadError(f"cannot fetch image {url[:80]}: expected an http(s) URL with a host and no user info")
-    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    try:
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0])
-                     for info in resolve(parts.hostname, port, type=socket.SOCK_STREAM)]
-    except (OSError, ValueError) as e:
-        raise ImageLoadError(f"cannot fetch image {url[:80]}: cannot resolve {parts.hostname} ({e})") from None
-    # Every address must be public after unwrapping any IPv4 embedded in IPv6 (mapped, NAT64, 6to4, Teredo, …).
-    check_public_addresses(parts.hostname, addresses)
-    ip = str(addresses[0]) if addresses[0].version == 4 else f"[{addresses[0]}]"
-    extensions = {"sni_hostname": parts.hostname} if parts.scheme.lower() == "https" else {}
-    return parts._replace(netloc=f"{ip}:{port}").geturl(), {"Host": parts.netloc}, extensions
 
 
 # The app
@@ -165,17 +69,24 @@ def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
 
     workers = Workers(config.workers, max_waiting=config.max_waiting, max_wait=config.worker_wait,
                       degraded_after=config.degraded_after)
+    light = Workers(1, max_waiting=config.max_waiting, max_wait=config.worker_wait,
+                    degraded_after=config.degraded_after)
+    bodies = BodyBudget(config.max_body_in_flight, max_body=config.max_body_bytes)
+    if not (config.body_timeout > 0 and config.image_timeout > 0 and config.body_wait >= 0):
+        raise ConfigError(f"--body-timeout and --image-timeout must be > 0 and body_wait >= 0, got "
+                          f"{config.body_timeout}, {config.image_timeout} and {config.body_wait}")
 
     @asynccontextmanager
     async def lifespan(app):  # the engine and the workers stop with the app
         yield
         workers.close()
+        light.close()
         await asyncio.to_thread(engine.close)
 
     # No /docs: its page pulls scripts from a CDN, and the server must work offline.
     app = FastAPI(title="Sparkles", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config, app.state.created = engine, config, int(time.time())
-    app.state.workers = workers
+    app.state.workers, app.state.light, app.state.bodies = workers, light, bodies
     app.state.max_text_chars = config.max_text_chars or text_limit(engine.processor.config.max_seq_len,
                                                                    engine.processor.tokenizer)
     app.add_route("/health", _health, methods=["GET"])
@@ -193,9 +104,11 @@ def _json(body: dict, status: int = 200, headers: dict | None = None):
 async def _health(http):
     """200 "ok"; or 503 "stopped" (the engine thread died) or "degraded" (requests wait too long for a worker, or
     every worker has been stuck too long), so that a load balancer sends new requests elsewhere until it is ok."""
-    engine, workers = http.app.state.engine, http.app.state.workers.stats()
-    status = "stopped" if not engine.alive else "degraded" if workers["degraded"] else "ok"
-    return _json({"status": status, **engine.stats(), "preparing": workers}, 200 if status == "ok" else 503)
+    state = http.app.state
+    engine, workers, light = state.engine, state.workers.stats(), state.light.stats()
+    status = "stopped" if not engine.alive else "degraded" if workers["degraded"] or light["degraded"] else "ok"
+    return _json({"status": status, **engine.stats(), "preparing": workers, "preparing_light": light,
+                  "bodies": state.bodies.stats()}, 200 if status == "ok" else 503)
 
 
 async def _models(http):
@@ -208,12 +121,30 @@ async def _models(http):
 async def _completions(http):
     from starlette.responses import StreamingResponse
 
+    try:
+        handle, stream, include_usage = await _prepare(http, http.app.state)
+    except Exception as e:  # every failure becomes an OpenAI error body; only ours carry their message
+        return _error_response(e)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": http.app.state.config.model_name}
+    if stream:
+        return StreamingResponse(_sse(handle, include_usage, meta), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _complete(handle, http, meta)
+
+
+async def _prepare(http, state):
+    """Read, check and start one request, holding its body's bytes of the server's budget until its images are
+    decoded and its text tokenized. What it returns keeps no reference to the body, so that its memory goes while
+    the answer is generated."""
     from ..formats import from_openai
 
-    state = http.app.state
     engine, config = state.engine, state.config
+    lease = state.bodies.lease()
     try:
-        request = parse_request(await _read_json(http, config.max_body_bytes), config.model_name)
+        raw = await read_json(http, lease, limit=config.max_body_bytes, timeout=config.body_timeout,
+                              wait=config.body_wait, max_values=state.max_text_chars + MAX_STRUCTURE)
+        request = parse_request(raw, config.model_name)
         # Cheap checks first, on the event loop: they walk the parts, never the text, so nothing waits for a worker
         # (or tokenizes 50 MB) to be told no.
         conversation = from_openai(request.messages)
@@ -221,26 +152,18 @@ async def _completions(http):
         check_text(conversation, state.max_text_chars)
         if engine.full():  # refuse before decoding any image
             raise QueueFullError("too many requests are waiting; try again shortly")
-        handle = await state.workers.run(_start, engine, request, conversation, config, asyncio.get_running_loop())
-    except Exception as e:  # every failure becomes an OpenAI error body; only ours carry their message
-        return _error_response(e)
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
-    if request.stream:
-        return StreamingResponse(_sse(handle, request, meta), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _complete(handle, http, meta)
-
-
-async def _read_json(http, limit: int) -> Any:
-    body = bytearray()
-    async for chunk in http.stream():  # counted as it comes: a chunked body has no length, and a length can lie
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is over this server's limit of {limit} bytes", code="too_large")
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:120]}") from None
+        # The images have `image_timeout` in all (images.py); past twice that (plus a second for the tokenizing)
+        # the thread is stuck in one blocking read or decode: the request gets its 504 and a late start is cancelled.
+        # A request of a few small images (most) has a thread of its own: a queue of 4096² PNGs, decoding for
+        # seconds each, would otherwise be ahead of it. Files and URLs may block, so they go with the heavy ones.
+        max_images = config.max_images or engine.processor.config.max_images
+        pixels = peek_pixels(conversation, max_images)
+        pool = state.light if pixels is not None and pixels < config.light_pixels else state.workers
+        handle = await pool.run(_start, engine, request, conversation, config, asyncio.get_running_loop(),
+                                timeout=2 * config.image_timeout + 1, on_late=lambda late: late.cancel())
+        return handle, request.stream, request.include_usage
+    finally:
+        lease.release()
 
 
 def _start(engine: Engine, request: ChatRequest, conversation: Conversation, config: ServeConfig, loop):
@@ -258,6 +181,7 @@ def _start(engine: Engine, request: ChatRequest, conversation: Conversation, con
 
 # What each failure answers, first match wins: (class, status, OpenAI type, code, param).
 _ERRORS = ((ContextLengthError, 400, "invalid_request_error", "context_length_exceeded", "messages"),
+           (ImageTimeoutError, 504, "server_error", "timeout", "messages"),
            (ImageLoadError, 400, "invalid_request_error", "invalid_image", "messages"),
            (SparklesError, 400, "invalid_request_error", None, "messages"),
            (QueueFullError, 429, "rate_limit_error", "queue_full", None),
@@ -274,7 +198,10 @@ def _error_response(e: Exception):
                      code=code, param=param)
     message = str(e).encode("utf-8", "backslashreplace").decode("utf-8")  # it may quote text that is not Unicode
     body = {"error": {"message": message, "type": e.kind, "param": e.param, "code": e.code}}
-    return _json(body, e.status, {"Retry-After": "1"} if e.status in (429, 503) else None)
+    # 408 and 413 may leave part of the body unread: the connection cannot carry another request.
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else {"Connection": "close"} if e.status in (408, 413) \
+        else None
+    return _json(body, e.status, headers)
 
 
 async def _complete(handle, http, meta: dict):
@@ -301,7 +228,7 @@ async def _complete(handle, http, meta: dict):
     return _json({**meta, "object": "chat.completion", "choices": [choice], "usage": last.usage})
 
 
-async def _sse(handle, request: ChatRequest, meta: dict):
+async def _sse(handle, include_usage: bool, meta: dict):
     """`chat.completion.chunk` events ending in ``data: [DONE]``; leaving early (a disconnect) cancels generation."""
 
     def data(delta: dict | None, finish: str | None = None, **extra) -> str:
@@ -318,7 +245,7 @@ async def _sse(handle, request: ChatRequest, meta: dict):
                                                        "param": None, "code": None}}) + "\n\n"
             elif event.finish_reason:
                 yield data({}, event.finish_reason)
-                if request.include_usage:  # OpenAI's form: one more chunk, with no choices
+                if include_usage:  # OpenAI's form: one more chunk, with no choices
                     yield data(None, usage=event.usage)
         yield "data: [DONE]\n\n"
     finally:
@@ -346,6 +273,12 @@ def add_cli(commands) -> None:
                        help="requests whose images and text are prepared at once")
     serve.add_argument("--worker-wait", type=float, default=ServeConfig.worker_wait,
                        help="seconds a request may wait for a worker before a 503")
+    serve.add_argument("--max-body-in-flight", type=int, default=ServeConfig.max_body_in_flight, metavar="BYTES",
+                       help="bytes of request bodies read or prepared at once; past it a request waits, then 503")
+    serve.add_argument("--body-timeout", type=float, default=ServeConfig.body_timeout,
+                       help="seconds for a request body to arrive before a 408")
+    serve.add_argument("--image-timeout", type=float, default=ServeConfig.image_timeout,
+                       help="seconds to read and decode all images of one request before a 504")
     serve.add_argument("--max-batch", type=int, default=ServeConfig.max_batch, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=ServeConfig.max_queue, help="waiting requests before 429")
     serve.add_argument("--max-tokens", dest="default_max_tokens", type=int, default=ServeConfig.default_max_tokens,
