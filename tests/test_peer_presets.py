@@ -23,7 +23,12 @@ LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num
          "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 300}
 PEERS = {"deepspeed-visualchat-7b": {"attention": "mmca-image-sees-text", "tokens_per_image": 257,
                                      "trainable": ("connector",)},
-         "sphinx-1k-13b": {"tiles.grid": (2, 2), "tokens_per_image": 257, "trainable": ("connector", "lm")}}
+         "sphinx-1k-13b": {"tiles.grid": (2, 2), "tokens_per_image": 257, "trainable": ("connector", "lm")},
+         "llama-adapter-7b": {"adapter.kind": "llama-adapter", "adapter.layers": 30, "adapter.prompt_len": 10,
+                              "trainable": ("connector",)},
+         "imagebind-llm-7b": {"adapter.kind": "imagebind", "trainable": ("connector",)},
+         "multimodal-gpt-9b": {"cross_attention.every": 4, "cross_attention.sees": "previous", "lora.r": 16,
+                               "connector": "resampler", "tokens_per_image": 64, "trainable": ("connector", "lm")}}
 
 
 def _scaled_down(model):
@@ -32,8 +37,11 @@ def _scaled_down(model):
     if vision.extra is not None:
         vision = dataclasses.replace(vision, extra=dataclasses.replace(vision.extra, path=None, config=DINO,
                                                                        image_size=32))
+    # The tiny LM has 2 layers: adapters in all of them, and a cross-attention block before each.
+    adapter = dataclasses.replace(model.adapter, layers=0)
+    cross = dataclasses.replace(model.cross_attention, every=min(model.cross_attention.every, 1))
     return dataclasses.replace(model, vision=vision, language=LanguageConfig(kind="hf", config=LLAMA),
-                               tokens_per_image=17, max_seq_len=512)
+                               tokens_per_image=17, max_seq_len=512, adapter=adapter, cross_attention=cross)
 
 
 @pytest.mark.parametrize("name", sorted(PEERS))

@@ -13,9 +13,12 @@ from pathlib import Path
 
 from ..config import (
     TINY,
+    AdapterConfig,
+    CrossAttentionConfig,
     DataConfig,
     DataSource,
     LanguageConfig,
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     Stage,
@@ -94,6 +97,50 @@ PRESETS: dict[str, TrainConfig] = {
         optim=OptimConfig(lr_connector=2e-5, lr_lm=2e-5, weight_decay=0.0, warmup_steps=100, min_lr=0.0,
                           max_steps=3000, batch_size=4, grad_accum=4, clip=8.0, precision="bf16"),
         out="runs/sphinx-1k-13b", save_every=500, activation_checkpointing=True),
+    # LLaMA-Adapter V1's multimodal recipe (peers.md §3.1, §3.5): CLIP ViT-L/14's tokens (its global one
+    # included), pooled and projected onto adaption prompts of 10 tokens in the top 30 of LLaMA-7B's 32 layers,
+    # zero-init gated; LM and tower frozen. AdamW at blr 9e-3 x 32 / 256, weight decay 0.02, 5 epochs of Alpaca's 52k
+    # at 32 a step (8 GPUs x 4; here 4 x 8 accumulated), the first 2 warming up, 512 tokens; no clipping.
+    "llama-adapter-7b": TrainConfig(
+        model=ModelConfig(vision=VisionConfig(kind="hf", path="CLIP_VIT_L14_DIR", image_size=224, drop_cls=False),
+                          language=LanguageConfig(kind="hf", path="LLAMA_7B_DIR"), connector="linear",
+                          tokens_per_image=257, adapter=AdapterConfig(kind="llama-adapter", layers=30, prompt_len=10),
+                          max_seq_len=512, trainable=("connector",)),
+        data=DataConfig(max_len=512, num_workers=4),
+        optim=OptimConfig(lr_connector=9e-3 * 32 / 256, weight_decay=0.02, warmup_steps=3250, min_lr=0.0,
+                          max_steps=8125, batch_size=4, grad_accum=8, clip=0.0, precision="bf16"),
+        out="runs/llama-adapter-7b", save_every=1000, export="trainable"),
+    # ImageBind-LLM's first phase (peers.md §3.3, §3.5): one global image feature through a bind network (our MLP
+    # connector) added to every layer of LLaMA-7B through zero-init gates, attention-free. ImageBind's encoder has no
+    # transformers port: CLIP ViT-L/14 stands in for it. Bind network and gates learn at blr 1e-4 x 32 / 256, weight
+    # decay 0.05, 32 a step; its second phase (LM norms, biases and LoRA on instructions) is a separate run.
+    "imagebind-llm-7b": TrainConfig(
+        model=ModelConfig(vision=VisionConfig(kind="hf", path="CLIP_VIT_L14_DIR", image_size=224, drop_cls=False),
+                          language=LanguageConfig(kind="hf", path="LLAMA_7B_DIR"), connector="mlp",
+                          tokens_per_image=257, adapter=AdapterConfig(kind="imagebind"), max_seq_len=512,
+                          trainable=("connector",)),
+        data=DataConfig(max_len=512, num_workers=4),
+        optim=OptimConfig(lr_connector=1e-4 * 32 / 256, weight_decay=0.05, warmup_steps=500, min_lr=0.0,
+                          max_steps=20000, batch_size=4, grad_accum=8, clip=0.0, precision="bf16"),
+        out="runs/imagebind-llm-7b", save_every=1000, export="trainable"),
+    # MultiModal-GPT on OpenFlamingo-9B (peers.md §4): CLIP ViT-L/14's patch tokens, a resampler to 64 latents,
+    # LLaMA-7B with a gated cross-attention block before every 4th layer, each text token seeing the image just
+    # before it; LoRA r 16, alpha 16 on self-attention, cross-attention and its feed-forward. AdamW 1e-5, weight decay
+    # 0.1, cosine after 100 warm-up steps, 1 a GPU x 16 accumulated on 8 GPUs (here 1 x 128), 512 tokens, one epoch
+    # of its ~165k visual samples. MultiModal-GPT starts from OpenFlamingo's trained blocks and resampler and keeps
+    # them and the gates frozen; with no converter for that checkpoint here, ours start new, so they learn too.
+    "multimodal-gpt-9b": TrainConfig(
+        model=ModelConfig(vision=VisionConfig(kind="hf", path="CLIP_VIT_L14_DIR", image_size=224),
+                          language=LanguageConfig(kind="hf", path="LLAMA_7B_DIR"), connector="resampler",
+                          tokens_per_image=64, cross_attention=CrossAttentionConfig(every=4, sees="previous"),
+                          lora=LoraConfig(r=16, alpha=16, dropout=0.0,
+                                          targets=("q_proj", "k_proj", "v_proj", "o_proj", "to_q", "to_kv", "to_out",
+                                                   "ff_in", "ff_out")),
+                          max_seq_len=512, trainable=("connector", "lm")),
+        data=DataConfig(max_len=512, num_workers=4),
+        optim=OptimConfig(lr_connector=1e-5, lr_lm=1e-5, weight_decay=0.1, warmup_steps=100, min_lr=0.0,
+                          max_steps=1300, batch_size=1, grad_accum=128, clip=1.0, precision="bf16"),
+        out="runs/multimodal-gpt-9b", save_every=200, export="trainable"),
     # The recipe of the embedded default model, perception first (issue 10; the README tells the story): the tower
     # learns to name each patch's object from the world's labels; then, the tower frozen, the LM learns to read
     # its tokens on captions; then every task type, captions kept in the blend.
@@ -108,7 +155,20 @@ PRESETS: dict[str, TrainConfig] = {
         stages=(Stage("perception", "perception", ("optim.lr_vision=1e-3", "optim.max_steps=3000",
                                                     "optim.batch_size=64", "optim.warmup_steps=50", "save_every=250")),
                 Stage("captions", "vlm", ("data=world:caption",)),
-                Stage("tasks", "vlm", ("optim.max_steps=1200",)))),
+                Stage("tasks", "vlm", ("optim.max_steps=1200",)),
+                # Stages 4-5 were run on one GPU (16 cores: pass workers=15), each bounded by optim.max_minutes
+                # (8 and 3.9); their steps are where those budgets ended. On 2 CPU cores they would take a day.
+                Stage("more-tasks", "vlm", ("optim.max_steps=4647", "optim.batch_size=256", "save_every=1000",
+                                            "eval_every=1000")),
+                Stage("anneal", "vlm", ("optim.max_steps=2274", "optim.batch_size=256", "optim.lr_connector=3e-4",
+                                        "optim.lr_lm=3e-4", "optim.warmup_steps=50", "save_every=1000",
+                                        "eval_every=1000")),
+                # Back on 2 CPU cores (25 minutes): dialogues of 2 to 3 turns, since `sparkles demo` asks three and
+                # a model trained on two answered every third turn with the tail of a worked answer.
+                Stage("three-turns", "vlm", ("data=world:caption:2,world:dialogue/worked?turns=3:4,"
+                                             "world:bison/worked:3,world:nlvr2/worked:3", "optim.lr_connector=1e-4",
+                                             "optim.lr_lm=1e-4", "optim.warmup_steps=20", "optim.max_steps=600",
+                                             "eval_every=300")))),
 }
 
 # Short names for the overrides people type most; anything else is a dotted path into TrainConfig.
