@@ -39,6 +39,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "resampler": {"connector": "resampler"},  # 16 learned queries, one cross-attention layer
     "mmca": {"attention": "mmca"},  # DeepSpeed-VisualChat's multi-modal causal attention
     "tiles": {"tiles.grid": "2,2"},  # SPHINX: a global view plus 2x2 sub-image tiles, empty tiles as one skip token
+    "imagebind": {"adapter.kind": "imagebind"},  # ImageBind-LLM: gated injection into every layer, 1 position
+    "llama-adapter": {"adapter.kind": "llama-adapter"},  # LLaMA-Adapter: gated adaption prompts, 1 position
+    # MultiModal-GPT / OpenFlamingo: a resampler and a gated cross-attention block before every layer, each text
+    # token seeing every image so far (captions of several images come after all of them)
+    "xattn": {"connector": "resampler", "cross_attention.every": 1, "cross_attention.sees": "all"},
 }
 
 
