@@ -10,12 +10,14 @@ the in-process one of bench_serve.py (same random model), with its default limit
     python bench/bench_isolation.py [--repeat 3] [--samples 3] [--tokens 8] [--huge-mb 60] [--png 4096]
 
 The cases: `plain load (control)` (16 clients asking for 64 tokens each, as the last two do but with nothing
-hostile: what ordinary load of that size costs), `huge bodies` (8 clients, each sending valid bodies of --huge-mb
-MiB, whitespace-padded, one after another), `slow drip` (8 clients that state a --huge-mb MiB Content-Length, send
-1 KiB and stall; the server answers 408 at its --body-timeout, which a client still sending never reads, so the
-server's counts show it), `large PNGs` (16 clients, each a request with one --png² PNG), `max stop strings` (the
-control's clients with 4 stop strings of 256 characters), `poisoned sampling` (the control's clients with the
-extreme values that pass validation: temperature 2, top_p 1e-9, repetition_penalty 10, seed 2**64-1).
+hostile: what ordinary load of that size costs), `sampling load (control)` (the same clients sampling with ordinary
+values, temperature 1 and top_p 0.9: the control for poisoned sampling), `huge bodies` (8 clients, each sending
+valid bodies of --huge-mb MiB, whitespace-padded, one after another), `slow drip` (8 clients that state a --huge-mb
+MiB Content-Length, send 1 KiB and stall; the server answers 408 at its --body-timeout, which a client still sending
+never reads, so the server's counts show it), `large PNGs` (16 clients, each a request with one --png² PNG), `max
+stop strings` (the control's clients with 4 stop strings of 256 characters), `poisoned sampling` (the control's
+clients with the extreme values that pass validation: temperature 2, top_p 1e-9, repetition_penalty 10, seed
+2**64-1).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from bench_serve import Server, bench_model, chunks, request_body  # noqa: E402
 
 from sparkles.serve.server import ServeConfig, create_app  # noqa: E402
 
-ATTACKS = ("plain load (control)", "huge bodies", "slow drip", "large PNGs", "max stop strings", "poisoned sampling")
+ATTACKS = ("plain load (control)", "sampling load (control)", "huge bodies", "slow drip", "large PNGs",
+           "max stop strings", "poisoned sampling")
 
 
 # The hostile clients (in the child process)
@@ -72,6 +75,10 @@ def _stops_body(i: int) -> dict:
     return _plain_body(i, stop=stops)
 
 
+def _sampling_body(i: int) -> dict:
+    return _plain_body(i, temperature=1.0, top_p=0.9, seed=i)
+
+
 def _poison_body(i: int) -> dict:
     return _plain_body(i, temperature=2, top_p=1e-9, repetition_penalty=10, seed=2**64 - 1)
 
@@ -85,7 +92,8 @@ def _jobs(kind: str, huge_mb: int, png: int) -> list:
         return ["drip"] * 8
     if kind == "large PNGs":
         return [{"json": _png_body(png, i)} for i in range(16)]
-    make = {"plain load (control)": _plain_body, "max stop strings": _stops_body, "poisoned sampling": _poison_body}
+    make = {"plain load (control)": _plain_body, "sampling load (control)": _sampling_body,
+            "max stop strings": _stops_body, "poisoned sampling": _poison_body}
     return [{"json": make[kind](i)} for i in range(16)]
 
 
