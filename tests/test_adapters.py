@@ -10,16 +10,13 @@ import torch
 from conftest import solid, tiny_config
 from PIL import Image as PILImage
 
-from sparkles.batch_session import BatchSession
 from sparkles.config import AdapterConfig, LoraConfig, SamplingParams, TileConfig
 from sparkles.conversation import Conversation, Message, Text, user_message
-from sparkles.engine import Engine
 from sparkles.errors import CheckpointError, ConfigError
-from sparkles.generate import Chat, _Step, generate
+from sparkles.generate import generate
 from sparkles.model.adapters import adapter_kwargs
 from sparkles.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from sparkles.model.model import build_model
-from sparkles.session import ChatSession
 
 KINDS = ["imagebind", "llama-adapter"]
 GREEDY = SamplingParams(max_new_tokens=8)
@@ -166,48 +163,7 @@ def test_layers_picks_the_top_ones_and_bad_settings_are_refused():
 # (c) Generation, sessions, batches
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_cached_greedy_generation_equals_full_recomputation_without_the_fast_step(kind, monkeypatch):
-    model, processor = build(kind, gates=0.5)
-    encoded = processor.encode(two_images(), generation=True)
-    ids = torch.tensor([encoded.rendered.input_ids])
-    images = model.encode_images(encoded.pixel_values)
-    embeds, signal = model.embed(ids, images).detach(), model.signal(ids, images)
-    params = SamplingParams(max_new_tokens=16)
-    monkeypatch.setattr(_Step, "fits", staticmethod(lambda lm: True))  # were the step asked, it would run wrongly
-    cached = [int(t) for t in generate(model.lm, embeds, params, signal=signal)]
-    uncached = [int(t) for t in generate(model.lm, embeds, params, signal=signal, use_cache=False)]
-    assert len(cached) == 16 and cached == uncached
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_session_whose_second_turn_adds_an_image_equals_full_reprefill(kind):
-    model, processor = build(kind, gates=0.5)
-    chat, session = Chat(model, processor), ChatSession(model, processor)
-    conversation = Conversation()
-    for text, colors in [("Compare IMAGE#1 with IMAGE#2.", ["red", "blue"]), ("Hello?", []),
-                         ("And IMAGE#3?", ["green"])]:
-        conversation = conversation.append(user_message(text, [solid(c) for c in colors], known=conversation.labels))
-        expected = chat.answer(conversation, GREEDY)
-        assert session.answer(text, [solid(c) for c in colors], GREEDY) == expected
-        conversation = conversation.append(Message("assistant", (Text(expected),)))
-    assert session.stats["tokens_reused"] > 0 and session.stats["images_encoded"] == 3
-    session.undo()  # cut back before the third image: the asked-again turn reads it afresh
-    again = Conversation(conversation.messages[:-1])
-    assert session.answer("And IMAGE#3?", [solid("green")], GREEDY) == chat.answer(again, GREEDY)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_batches_answer_as_each_row_alone_and_the_engine_refuses(kind):
-    model, processor = build(kind, gates=0.5)
-    chat = Chat(model, processor)
-    conversations = [two_images(), two_images("IMAGE#2 or IMAGE#1, which is red?", ("green", "red")),
-                     Conversation((Message.text_only("user", "Hello there."),))]
-    alone = [chat.answer(c, GREEDY) for c in conversations]
-    assert chat.answer_batch(conversations, GREEDY) == alone
-    assert BatchSession(chat).answer_batch(conversations, GREEDY) == alone
-    with pytest.raises(ConfigError, match=f"model.adapter.kind={kind}"):
-        Engine(model, processor)
+# Cached decoding, sessions, batches and the engine's refusal: tests/test_layer_readers.py, for every reader.
 
 
 def test_the_llava_export_refuses_adapters():

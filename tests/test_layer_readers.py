@@ -1,0 +1,76 @@
+"""What every reader of images inside the LM (adapters, gated cross-attention; `model/layer_state.py`) must keep:
+cached decoding equals full recomputation, a session equals re-prefilling, a batch row equals the row alone, and
+the serve engine refuses it by the switch's name."""
+
+import pytest
+import torch
+from conftest import solid
+from test_adapters import build as build_adapted
+from test_adapters import two_images
+from test_cross_attention import build as build_crossed
+
+from sparkles.batch_session import BatchSession
+from sparkles.config import SamplingParams
+from sparkles.conversation import Conversation, Message, Text, user_message
+from sparkles.engine import Engine
+from sparkles.errors import ConfigError
+from sparkles.generate import Chat, _Step, generate
+from sparkles.session import ChatSession
+
+GREEDY = SamplingParams(max_new_tokens=8)
+# name -> (builder, its argument, what the engine's refusal names)
+READERS = {"imagebind": (build_adapted, "imagebind", "model.adapter.kind=imagebind"),
+           "llama-adapter": (build_adapted, "llama-adapter", "model.adapter.kind=llama-adapter"),
+           "cross-attention, previous image": (build_crossed, "previous", "model.cross_attention.every=1"),
+           "cross-attention, all images": (build_crossed, "all", "model.cross_attention.every=1")}
+
+
+def build(name):
+    """The reader with its gates opened, as a trained model's are: at zero they add nothing and prove little."""
+    builder, value, _ = READERS[name]
+    return builder(value, gates=0.5)
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_cached_greedy_generation_equals_full_recomputation_without_the_fast_step(name, monkeypatch):
+    model, processor = build(name)
+    encoded = processor.encode(two_images(), generation=True)
+    ids = torch.tensor([encoded.rendered.input_ids])
+    images = model.encode_images(encoded.pixel_values)
+    embeds, state = model.embed(ids, images).detach(), model.signal(ids, images)
+    params = SamplingParams(max_new_tokens=16)
+    monkeypatch.setattr(_Step, "fits", staticmethod(lambda lm: True))  # were the step asked, it would run wrongly
+    cached = [int(t) for t in generate(model.lm, embeds, params, signal=state)]
+    uncached = [int(t) for t in generate(model.lm, embeds, params, signal=state, use_cache=False)]
+    assert len(cached) == 16 and cached == uncached
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_a_session_whose_later_turn_adds_an_image_equals_full_reprefill(name):
+    model, processor = build(name)
+    chat, session = Chat(model, processor), ChatSession(model, processor)
+    conversation = Conversation()
+    for text, colors in [("Compare IMAGE#1 with IMAGE#2.", ["red", "blue"]), ("Hello?", []),
+                         ("And IMAGE#3?", ["green"])]:
+        conversation = conversation.append(user_message(text, [solid(c) for c in colors], known=conversation.labels))
+        expected = chat.answer(conversation, GREEDY)
+        assert session.answer(text, [solid(c) for c in colors], GREEDY) == expected
+        conversation = conversation.append(Message("assistant", (Text(expected),)))
+    assert session.stats["tokens_reused"] > 0 and session.stats["images_encoded"] == 3
+    session.undo()  # cut back before the third image: the asked-again turn reads it afresh
+    again = Conversation(conversation.messages[:-1])
+    assert session.answer("And IMAGE#3?", [solid("green")], GREEDY) == chat.answer(again, GREEDY)
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_batches_answer_as_each_row_alone_and_the_engine_refuses(name):
+    model, processor = build(name)
+    chat = Chat(model, processor)
+    conversations = [two_images(), Conversation((user_message("Is IMAGE#1 red?", [solid("red")]),)),
+                     Conversation((Message.text_only("user", "Hello there."),)),
+                     two_images("IMAGE#2 or IMAGE#1, which is red?", ("green", "red"))]
+    alone = [chat.answer(c, GREEDY) for c in conversations]
+    assert chat.answer_batch(conversations, GREEDY) == alone
+    assert BatchSession(chat).answer_batch(conversations, GREEDY) == alone
+    with pytest.raises(ConfigError, match=READERS[name][2]):
+        Engine(model, processor)
