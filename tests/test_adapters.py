@@ -2,13 +2,10 @@
 one marker position per image, the signal each position reads, zero gates = the base LM exactly, cached decoding,
 sessions, batches, what refuses them, checkpoints and training."""
 
-import dataclasses
-import json
 
 import pytest
 import torch
 from conftest import solid, tiny_config
-from PIL import Image as PILImage
 
 from sparkles.config import AdapterConfig, LoraConfig, SamplingParams, TileConfig
 from sparkles.conversation import Conversation, Message, Text, user_message
@@ -234,23 +231,4 @@ def test_adapters_train_with_the_connector_beside_lora_on_a_frozen_lm(kind):
     assert model.adapters.gate.abs().sum() > 0
 
 
-def test_the_training_loop_runs_with_adapters(tmp_path):
-    from sparkles.config import DataConfig, DataSource, OptimConfig, TrainConfig
-    from sparkles.train.loop import train
-
-    records = []
-    for n in range(4):
-        PILImage.new("RGB", (40, 30), (200, 60 * n, 30)).save(tmp_path / f"{n}.png")
-        records.append({"image": f"{n}.png", "conversations": [{"from": "human", "value": "<image> Colour?"},
-                                                                {"from": "gpt", "value": f"Shade {n}."}]})
-    (tmp_path / "d.json").write_text(json.dumps(records))
-    model = dataclasses.replace(tiny_config(), adapter=AdapterConfig(kind="llama-adapter"))
-    config = TrainConfig(model=model, out=str(tmp_path / "run"), save_every=100,
-                         data=DataConfig(sources=(DataSource(str(tmp_path / "d.json"), images=str(tmp_path)),),
-                                         pack=True),
-                         optim=OptimConfig(lr_connector=1e-2, max_steps=6, batch_size=4), seed=1)
-    loaded, _ = load_checkpoint(train(config))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in rows if "loss" in row]
-    assert len(losses) == 6 and losses[-1] < losses[0], losses
-    assert loaded.config.adapter.kind == "llama-adapter" and loaded.adapters.gate.abs().sum() > 0
+# The training loop with each reader: tests/test_layer_readers.py.

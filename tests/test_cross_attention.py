@@ -2,13 +2,10 @@
 position per image, which images each position sees ("previous" or "all"), zero gates = the base LM exactly,
 cached decoding, sessions, batches, what refuses it, LoRA, checkpoints and training."""
 
-import dataclasses
-import json
 
 import pytest
 import torch
 from conftest import solid, tiny_config
-from PIL import Image as PILImage
 
 from sparkles.config import AdapterConfig, CrossAttentionConfig, LoraConfig, SamplingParams, TileConfig
 from sparkles.conversation import Conversation, Message, Text, user_message
@@ -220,24 +217,4 @@ def test_a_trainable_only_checkpoint_keeps_the_weights_lora_froze_in_the_blocks(
     assert torch.equal(logits(loaded, loaded_processor, two_images()), logits(model, processor, two_images()))
 
 
-def test_the_training_loop_runs_with_cross_attention(tmp_path):
-    from sparkles.config import DataConfig, DataSource, OptimConfig, TrainConfig
-    from sparkles.train.loop import train
-
-    records = []
-    for n in range(4):
-        PILImage.new("RGB", (40, 30), (200, 60 * n, 30)).save(tmp_path / f"{n}.png")
-        records.append({"image": f"{n}.png", "conversations": [{"from": "human", "value": "<image> Colour?"},
-                                                                {"from": "gpt", "value": f"Shade {n}."}]})
-    (tmp_path / "d.json").write_text(json.dumps(records))
-    model = dataclasses.replace(tiny_config(), cross_attention=cross("all"))
-    config = TrainConfig(model=model, out=str(tmp_path / "run"), save_every=100,
-                         data=DataConfig(sources=(DataSource(str(tmp_path / "d.json"), images=str(tmp_path)),),
-                                         pack=True),
-                         optim=OptimConfig(lr_connector=1e-2, max_steps=6, batch_size=4), seed=1)
-    loaded, _ = load_checkpoint(train(config))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in rows if "loss" in row]
-    assert len(losses) == 6 and losses[-1] < losses[0], losses
-    assert loaded.config.cross_attention.sees == "all"
-    assert loaded.cross_attention.blocks[0].attn_gate.abs().sum() > 0
+# The training loop with each reader: tests/test_layer_readers.py.

@@ -2,20 +2,27 @@
 cached decoding equals full recomputation, a session equals re-prefilling, a batch row equals the row alone, and
 the serve engine refuses it by the switch's name."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
-from conftest import solid
+from conftest import solid, tiny_config
+from PIL import Image as PILImage
 from test_adapters import build as build_adapted
 from test_adapters import two_images
 from test_cross_attention import build as build_crossed
+from test_cross_attention import cross
 
 from sparkles.batch_session import BatchSession
-from sparkles.config import SamplingParams
+from sparkles.config import AdapterConfig, DataConfig, DataSource, OptimConfig, SamplingParams, TrainConfig
 from sparkles.conversation import Conversation, Message, Text, user_message
 from sparkles.engine import Engine
 from sparkles.errors import ConfigError
 from sparkles.generate import Chat, _Step, generate
+from sparkles.model.checkpoint import load_checkpoint
 from sparkles.session import ChatSession
+from sparkles.train.loop import train
 
 GREEDY = SamplingParams(max_new_tokens=8)
 # name -> (builder, its argument, what the engine's refusal names)
@@ -74,3 +81,29 @@ def test_batches_answer_as_each_row_alone_and_the_engine_refuses(name):
     assert BatchSession(chat).answer_batch(conversations, GREEDY) == alone
     with pytest.raises(ConfigError, match=READERS[name][2]):
         Engine(model, processor)
+
+
+@pytest.mark.parametrize("switch", ["llama-adapter", "cross-attention"])
+def test_the_training_loop_runs_with_packed_rows_and_the_zero_gates_learn(switch, tmp_path):
+    records = []
+    for n in range(4):
+        PILImage.new("RGB", (40, 30), (200, 60 * n, 30)).save(tmp_path / f"{n}.png")
+        records.append({"image": f"{n}.png", "conversations": [{"from": "human", "value": "<image> Colour?"},
+                                                                {"from": "gpt", "value": f"Shade {n}."}]})
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    changes = ({"adapter": AdapterConfig(kind="llama-adapter")} if switch == "llama-adapter"
+               else {"cross_attention": cross("all")})
+    config = TrainConfig(model=dataclasses.replace(tiny_config(), **changes), out=str(tmp_path / "run"),
+                         save_every=100, seed=1,
+                         data=DataConfig(sources=(DataSource(str(tmp_path / "d.json"), images=str(tmp_path)),),
+                                         pack=True),
+                         optim=OptimConfig(lr_connector=1e-2, max_steps=6, batch_size=4))
+    loaded, _ = load_checkpoint(train(config))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    if switch == "llama-adapter":
+        assert loaded.config.adapter.kind == "llama-adapter" and loaded.adapters.gate.abs().sum() > 0
+    else:
+        assert loaded.config.cross_attention.sees == "all"
+        assert loaded.cross_attention.blocks[0].attn_gate.abs().sum() > 0
