@@ -40,3 +40,25 @@ def tiny():
 def solid(color, size=(40, 30), sha=None) -> Image:
     """An image part holding a solid-colour picture."""
     return Image(pixels=PILImage.new("RGB", size, color), sha256=sha or f"{color}")
+
+
+def steps_on_one_answer(model, processor, conversation, answer: str, *, steps: int = 4, lr: float = 1e-2,
+                        check=None) -> list[float]:
+    """A few AdamW steps on `conversation` answered with `answer`; `check(model, loss)` runs after each backward.
+    The losses, for a test that asks whether they fall."""
+    from sparkles.conversation import Message, Text
+
+    model.train()
+    encoded = processor.encode(conversation.append(Message("assistant", (Text(answer),))))
+    ids, labels = torch.tensor([encoded.rendered.input_ids]), torch.tensor([encoded.rendered.labels])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, encoded.pixel_values, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        if check is not None:
+            check(model, loss)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses

@@ -5,10 +5,10 @@ cached decoding, sessions, batches, what refuses it, LoRA, checkpoints and train
 
 import pytest
 import torch
-from conftest import solid, tiny_config
+from conftest import solid, steps_on_one_answer, tiny_config
 
 from sparkles.config import AdapterConfig, CrossAttentionConfig, LoraConfig, SamplingParams, TileConfig
-from sparkles.conversation import Conversation, Message, Text, user_message
+from sparkles.conversation import Conversation, Message, user_message
 from sparkles.errors import CheckpointError, ConfigError
 from sparkles.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from sparkles.model.layer_state import state_kwargs
@@ -174,19 +174,11 @@ def test_lora_reaches_the_blocks_and_only_what_should_learns():
     assert not any("base_layer" in n for n in learning)  # what LoRA wraps stays as it is
     assert {"connector.cross.blocks.0.attn_gate", "connector.cross.marker", "connector.queries"} <= learning
     assert any(n.startswith("connector.cross.") and "lora_" in n for n in learning)
-    model.train()
-    encoded = processor.encode(two_images().append(Message("assistant", (Text("IMAGE#1 is red."),))))
-    ids, labels = torch.tensor([encoded.rendered.input_ids]), torch.tensor([encoded.rendered.labels])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(ids, encoded.pixel_values, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
+    def only_what_learns(model, loss):
         assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
         assert block.attn_gate.grad.abs().sum() > 0  # zero gates learn
-        optimizer.step()
-        losses.append(float(loss.detach()))
+
+    losses = steps_on_one_answer(model, processor, two_images(), "IMAGE#1 is red.", steps=5, check=only_what_learns)
     assert block.to_kv.lora_B.default.weight.grad.abs().sum() > 0  # once the gates open, the blocks' LoRA learns
     assert losses[-1] < losses[0], losses
 

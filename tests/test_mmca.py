@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import solid, tiny_config
+from conftest import solid, steps_on_one_answer, tiny_config
 
 from sparkles.config import LoraConfig, SamplingParams
 from sparkles.conversation import Conversation, Message, Text, user_message
@@ -257,22 +257,16 @@ def test_a_checkpoint_keeps_the_switch_and_the_logits(tmp_path):
 def test_a_few_training_steps_with_lora_lower_the_loss_and_packed_rows_equal_rows_alone():
     pytest.importorskip("peft", reason="LoRA needs the [lora] extra, which .ci/run installs")
     model, processor = build("mmca", lora=LoraConfig(r=4), trainable=("connector", "lm"))
-    model.train()
-    encoded = processor.encode(two_images().append(Message("assistant", (Text("IMAGE#1 is red."),))))
-    ids, labels = torch.tensor([encoded.rendered.input_ids]), torch.tensor([encoded.rendered.labels])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(ids, encoded.pixel_values, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
+    def lora_learns(model, loss):
         lora = [p.grad for n, p in model.lm.named_parameters() if "lora_B" in n]
         assert torch.isfinite(loss) and lora and all(g is not None and torch.isfinite(g).all() for g in lora)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+
+    losses = steps_on_one_answer(model, processor, two_images(), "IMAGE#1 is red.", check=lora_learns)
     assert losses[-1] < losses[0]
     # Two samples packed in one row under a block-diagonal mask give each sample's own logits.
     model.eval()
+    encoded = processor.encode(two_images().append(Message("assistant", (Text("IMAGE#1 is red."),))))
+    ids = torch.tensor([encoded.rendered.input_ids])
     n = ids.shape[1]
     packed = torch.zeros(1, 1, 2 * n, 2 * n, dtype=torch.bool)
     packed[..., :n, :n] = packed[..., n:, n:] = causal(n)
