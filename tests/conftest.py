@@ -62,3 +62,17 @@ def steps_on_one_answer(model, processor, conversation, answer: str, *, steps: i
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def two_images(text="Compare IMAGE#1 with IMAGE#2.", colors=("red", "blue")):
+    """One user turn placing two solid-colour images."""
+    from sparkles.conversation import Conversation, user_message
+
+    return Conversation((user_message(text, [solid(c) for c in colors]),))
+
+
+def logits(model, processor, conversation) -> torch.Tensor:
+    """(T, V) logits of a conversation's prompt, without gradients."""
+    encoded = processor.encode(conversation, generation=True)
+    with torch.no_grad():
+        return model(torch.tensor([encoded.rendered.input_ids]), encoded.pixel_values).logits[0]

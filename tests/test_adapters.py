@@ -5,7 +5,7 @@ sessions, batches, what refuses them, checkpoints and training."""
 
 import pytest
 import torch
-from conftest import solid, steps_on_one_answer, tiny_config
+from conftest import logits, solid, steps_on_one_answer, tiny_config, two_images
 
 from sparkles.config import AdapterConfig, LoraConfig, SamplingParams, TileConfig
 from sparkles.conversation import Conversation, Message, user_message
@@ -29,14 +29,6 @@ def build(kind="imagebind", gates=0.0, **changes):
     return model.eval(), processor
 
 
-def two_images(text="Compare IMAGE#1 with IMAGE#2.", colors=("red", "blue")) -> Conversation:
-    return Conversation((user_message(text, [solid(c) for c in colors]),))
-
-
-def logits(model, processor, conversation) -> torch.Tensor:
-    encoded = processor.encode(conversation, generation=True)
-    with torch.no_grad():
-        return model(torch.tensor([encoded.rendered.input_ids]), encoded.pixel_values).logits[0]  # (T, V)
 
 
 # (a) An image is one position; what each position reads

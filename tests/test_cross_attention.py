@@ -5,10 +5,10 @@ cached decoding, sessions, batches, what refuses it, LoRA, checkpoints and train
 
 import pytest
 import torch
-from conftest import solid, steps_on_one_answer, tiny_config
+from conftest import logits, steps_on_one_answer, tiny_config, two_images
 
 from sparkles.config import AdapterConfig, CrossAttentionConfig, LoraConfig, SamplingParams, TileConfig
-from sparkles.conversation import Conversation, Message, user_message
+from sparkles.conversation import Conversation, Message
 from sparkles.errors import CheckpointError, ConfigError
 from sparkles.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from sparkles.model.layer_state import state_kwargs
@@ -39,14 +39,6 @@ def open_gates(model, value):
             block.ff_gate.fill_(-value)
 
 
-def two_images(text="Compare IMAGE#1 with IMAGE#2.", colors=("red", "blue")) -> Conversation:
-    return Conversation((user_message(text, [solid(c) for c in colors]),))
-
-
-def logits(model, processor, conversation) -> torch.Tensor:
-    encoded = processor.encode(conversation, generation=True)
-    with torch.no_grad():
-        return model(torch.tensor([encoded.rendered.input_ids]), encoded.pixel_values).logits[0]  # (T, V)
 
 
 # (a) An image is one position; which images each position sees

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import solid, tiny_config
+from conftest import solid, tiny_config, two_images
 from PIL import Image as PILImage
 from test_adapters import build as build_adapted
-from test_adapters import two_images
 from test_cross_attention import build as build_crossed
 from test_cross_attention import cross
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import solid, steps_on_one_answer, tiny_config
+from conftest import logits, solid, steps_on_one_answer, tiny_config, two_images
 
 from sparkles.config import LoraConfig, SamplingParams
 from sparkles.conversation import Conversation, Message, Text, user_message
@@ -36,15 +36,6 @@ def build(attention="causal", **changes):
     return model.eval(), processor
 
 
-def two_images(text="Compare IMAGE#1 with IMAGE#2.", colors=("red", "blue")) -> Conversation:
-    return Conversation((user_message(text, [solid(c) for c in colors]),))
-
-
-def logits(model, processor, conversation) -> torch.Tensor:
-    encoded = processor.encode(conversation, generation=True)
-    ids = torch.tensor([encoded.rendered.input_ids])
-    with torch.no_grad():
-        return model(ids, encoded.pixel_values).logits[0]  # (T, V)
 
 
 # (a) The masks on a hand-made sequence

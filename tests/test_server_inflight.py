@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 from PIL import Image as PILImage
+from test_server_limits import run
 
 import sparkles.image as image_module
 import sparkles.serve.server as server
@@ -43,15 +44,6 @@ def engine(tiny):
     engine = Engine.from_chat(Chat(*tiny), EngineConfig(max_batch=4))
     yield engine
     engine.close()
-
-
-def run(app, scenario):
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-            return await scenario(client)
-
-    return asyncio.run(main())
 
 
 def drip(first: bytes, rest: bytes, go: asyncio.Event, sent: asyncio.Event):
