@@ -7,10 +7,13 @@ per row, greedy, exactly `--new` new tokens (no stop id on either side). HF gets
 DynamicCache); ours gets their embeddings, as a Sparkles model hands them over after the images are spliced in,
 and is timed until its last token is out, drained from the iterator as a front end would. The two variants
 alternate ABAB within each of `--repeats` rounds, so load on a shared machine falls on both alike; the table
-shows medians and tokens/s (rows x new tokens / seconds, prefill included). Seconds are this process's CPU time by
-default (`--clock cpu`): with `--threads 1` that is the work done, while wall time on a shared machine also counts
-the time other processes held the core (`--clock wall` for it; the last column gives the wall-time ratio either
-way). Every round checks that both give the same tokens; a mismatch is printed loudly and makes the exit status 1.
+shows medians and tokens/s (rows x new tokens / seconds, prefill included), and the ratio is the median of the
+rounds' own ratios, each taken between two runs a second apart, with their range beside it: on a machine whose
+speed drifts with its neighbours' load that pairing is what keeps the drift out of the ratio. Seconds are this
+process's CPU time by default (`--clock cpu`): with `--threads 1` that is the work done, while wall time on a
+shared machine also counts the time other processes held the core (`--clock wall` for it; the last column gives
+the wall-time ratio either way). Every round checks that both give the same tokens; a mismatch is printed loudly
+and makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -88,9 +91,9 @@ def main() -> None:
     print(f"greedy, {args.prompt}-token prompt, {args.new} new tokens, {args.device}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}; {args.clock} time, "
           f"median of {args.repeats} ABAB rounds\n")
-    print("| LM | params | batch | HF generate (s) | ours (s) | HF tok/s | ours tok/s | ours / HF | ours / HF (wall) "
-          "| same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| LM | params | batch | HF generate (s) | ours (s) | HF tok/s | ours tok/s | ours / HF | rounds' range "
+          "| ours / HF (wall) | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     mismatches = 0
     for name in args.sizes:
         lm = build(SIZES[name], args.device)
@@ -118,11 +121,12 @@ def main() -> None:
                               file=sys.stderr)
             mismatches += not same
             t_hf, t_ours = statistics.median(times["hf"]), statistics.median(times["ours"])
-            wall = statistics.median(walls["hf"]) / statistics.median(walls["ours"])
+            ratios = [a / b for a, b in zip(times["hf"], times["ours"])]
+            wall = statistics.median(a / b for a, b in zip(walls["hf"], walls["ours"]))
             rate = batch * args.new
             print(f"| {name} | {params / 1e6:.1f} M | {batch} | {t_hf:.3f} | {t_ours:.3f} | {rate / t_hf:.0f} | "
-                  f"{rate / t_ours:.0f} | **{t_hf / t_ours:.2f}x** | {wall:.2f}x | {'yes' if same else '**NO**'} |",
-                  flush=True)
+                  f"{rate / t_ours:.0f} | **{statistics.median(ratios):.2f}x** | {min(ratios):.2f}–{max(ratios):.2f} | "
+                  f"{wall:.2f}x | {'yes' if same else '**NO**'} |", flush=True)
     if mismatches:
         print(f"\n!!! {mismatches} case(s) gave different tokens from HF generate", file=sys.stderr)
         sys.exit(1)

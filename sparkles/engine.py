@@ -18,8 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .config import SamplingParams
-from .errors import ContextLengthError
+from .errors import ContextLengthError, EngineClosedError, QueueFullError  # noqa: F401 (the server's)
 from .generate import Chat, cache_kwargs, sample
+from .llama_step import LlamaStep
 from .prefix import PrefixCache, check_engine, image_keys, kinds_mask, lm_masks
 from .prefix import pad_left as _pad
 from .prefix import plain_layer as _plain
@@ -34,14 +35,6 @@ class EngineConfig:
     max_batch: int = 8  # rows decoded together; 1 serves one request at a time
     max_queue: int = 64  # requests waiting to join; past this `submit` refuses (HTTP 429)
     prefix_cache_mb: float = 0  # KV of prompts kept to resume later ones that start alike (prefix.py); 0 = off
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests are waiting: come back later."""
-
-
-class EngineClosedError(RuntimeError):
-    """The engine is shutting down or has stopped."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +131,8 @@ class Engine:
         self._rows: list[_Row] = []
         self._cache, self._mask, self._last = None, None, None  # the batch: KV cache, (B, L) mask, (B,) next input
         self._joinable = True  # False once a cache turns out not to be left-paddable (sliding windows)
+        fits = model.config.attention == "causal" and LlamaStep.fits(model.lm)  # built once: a served model stays
+        self._step = LlamaStep(model.lm) if fits else None  # as it is; `generate` takes the same step
         self.counts = collections.Counter()
         self.prefix = PrefixCache(int(config.prefix_cache_mb * 2**20), processor.config.tokens_per_image)  # thread's
         self._thread = threading.Thread(target=self._run, name="sparkles-engine", daemon=True)
@@ -303,6 +298,9 @@ class Engine:
     def _forward(self, inputs: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """(B, T, D) new positions on top of `cache` -> (B, V) logits of the last one."""
         positions = (mask.clamp(max=1).cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]  # MMCA marks images 2
+        if inputs.shape[1] == 1 and self._step is not None:  # a decoding step of a plain Llama: the lean one
+            real = mask > 0
+            return self._step(inputs, positions, None if bool(real.all()) else real[:, None, None, :], cache).float()
         out = self.chat.model.lm(inputs_embeds=inputs, position_ids=positions, use_cache=True, logits_to_keep=1,
                                  **cache_kwargs(self.chat.model.lm, cache), **lm_masks(self.chat.model, mask))
         return out.logits[:, -1].float()

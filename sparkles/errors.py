@@ -37,3 +37,11 @@ class CheckpointError(SparklesError):
 class TrainingDiverged(SparklesError):
     """The loss or gradients were NaN/inf for `max_nonfinite` steps in a row, or the weights to save hold NaN/inf:
     lower the learning rate, clip, or change the precision."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting for the serve engine: come back later (HTTP 429)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The serve engine is shutting down or has stopped (HTTP 503)."""

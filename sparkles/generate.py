@@ -16,6 +16,7 @@ import torch
 from .config import GREEDY_BELOW, SamplingParams
 from .conversation import Conversation, Message, Text
 from .errors import ContextLengthError
+from .llama_step import LlamaStep
 from .model.attention import lm_kwargs
 from .model.layer_state import LayerState, state_kwargs
 from .processor import Processor, TextStream, push_rows
@@ -118,76 +119,6 @@ def _slabs(lm, past, reserve: int):
     return past
 
 
-class _Step:
-    """A decoding step of a LlamaForCausalLM (sdpa) without its modules' Python machinery: the torch operations of
-    transformers' forward in its order on its weights, so the same logits bit for bit (tests/test_decode_fast.py)."""
-
-    def __init__(self, lm):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        self.lm, self.attend = lm, ALL_ATTENTION_FUNCTIONS["sdpa"]
-        # Each layer's tensors looked up once: a module's attribute lookup costs more than the small ops here do.
-        linear, _norm = (lambda p: (p.weight.t(), p.bias)), (lambda m: (m.weight, m.variance_epsilon))
-        self.layers = [(a, a.head_dim, a.scaling, _norm(x.input_layernorm), *map(linear, (a.q_proj, a.k_proj,
-                        a.v_proj, a.o_proj)), _norm(x.post_attention_layernorm), x.mlp.act_fn,
-                        *map(linear, (x.mlp.gate_proj, x.mlp.up_proj, x.mlp.down_proj)))
-                       for x in lm.model.layers for a in (x.self_attn,)]
-        self.norm, self.head = _norm(lm.model.norm), linear(lm.lm_head)
-
-    @staticmethod
-    def fits(lm) -> bool:
-        """Whether the step computes what `lm`'s forward would: a plain Llama, in eval mode, nothing hooked into it
-        or patched (a LoRA layer, a forward hook, a kernel swapped in), sdpa attention; else the forward runs."""
-        from torch.nn.modules import module
-        from transformers import LlamaForCausalLM
-        from transformers.models.llama import modeling_llama as llama
-
-        if (type(lm) is not LlamaForCausalLM or lm.training or lm.config._attn_implementation != "sdpa"
-                or module._global_forward_hooks or module._global_forward_pre_hooks):
-            return False
-        plain = (llama.LlamaModel, llama.LlamaDecoderLayer, llama.LlamaAttention, llama.LlamaMLP, llama.LlamaRMSNorm,
-                 llama.LlamaRotaryEmbedding, torch.nn.Linear, torch.nn.Embedding, torch.nn.ModuleList)
-        for m in lm.modules():
-            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
-                return False
-            if m is not lm and type(m) not in plain and not any(m is x.mlp.act_fn for x in lm.model.layers):
-                return False
-        return True
-
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, past) -> torch.Tensor:
-        """(B, T, D) new positions at (B, T) positions on top of `past` -> (B, V) logits of the last one. `mask`:
-        (B, 1, T, L) bool, or None where every position is real (what transformers' sdpa mask gives then)."""
-        b, t, _ = x.shape
-        cos, sin = (e.unsqueeze(1) for e in self.lm.model.rotary_emb(x, positions))
-        half = cos.shape[-1] // 2
-        # rotate_half(q) * sin == roll(q) * (sin with its first half negated), exactly: one op instead of four.
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        x = x.reshape(b * t, -1)  # 2-D rows: a product on them skips the reshapes of the 3-D path, same result
-        for layer, (attention, dim, scaling, norm1, wq, wk, wv, wo, norm2, act, gate, up, down) in zip(
-                past.layers, self.layers):
-            h = _rms(x, *norm1)
-            q, k, v = (_linear(h, *w).view(b, t, -1, dim).transpose(1, 2) for w in (wq, wk, wv))
-            q, k = q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
-            k, v = layer.update(k, v)
-            out, _ = self.attend(attention, q, k, v, mask, dropout=0.0, scaling=scaling)
-            x = x + _linear(out.reshape(b * t, -1), *wo)
-            h = _rms(x, *norm2)
-            x = x + _linear(act(_linear(h, *gate)) * _linear(h, *up), *down)
-        return _linear(_rms(x.view(b, t, -1)[:, -1], *self.norm), *self.head)
-
-
-def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear of 2-D rows as ATen computes it (mm, or addmm with a bias), without its dispatch and transpose."""
-    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's forward, operation for operation (a cast to the dtype a tensor has is no operation)."""
-    h = x if x.dtype == torch.float32 else x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
-
-
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None) -> torch.Tensor:
     """Pick the next token of each row: (B, V) logits -> (B,) ids. `seen` (B, S) ids feed the repetition penalty."""
@@ -232,7 +163,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     the image tokens among the new positions, for MMCA (`VisionLanguageModel.image_positions`); None for causal.
     `signal` covers the new positions for a reader (`VisionLanguageModel.signal`); generated tokens read as its last.
 
-    Later steps of a plain Llama run `_Step` on a cache written in place (`_slab_class`): the same tokens, faster.
+    Later steps of a plain Llama run `LlamaStep` on a cache written in place (`_slab_class`): the same tokens, faster.
     """
     cache = cache if cache is not None else KVCache()
     (batch, new), device = embeds.shape[:2], embeds.device
@@ -248,7 +179,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         images = torch.cat([held.to(device), image_mask.to(device, torch.bool)], dim=1)
     if use_cache:  # room for the answer ahead, up to 1024 positions (past that a slab grows by half as it goes)
         cache.past = _slabs(lm, cache.past, cache.length + new + min(params.max_new_tokens, 1024))
-    step = _Step(lm) if use_cache and images is None and signal is None and _Step.fits(lm) else None
+    step = LlamaStep(lm) if use_cache and images is None and signal is None and LlamaStep.fits(lm) else None
     record = input_ids is not None and batch == 1  # token ids are kept for one-row caches only
     generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
     done, stops = torch.zeros(batch, dtype=torch.bool, device=device), torch.tensor(stop_ids, device=device).long()

@@ -1,5 +1,7 @@
-"""The fast decoding path (a lean Llama step on an in-place KV cache) gives exactly the tokens of the plain path and
-of Hugging Face `generate`: greedy and seeded sampling, one row and a left-padded batch; and no FutureWarning."""
+"""The fast decoding path (a lean Llama step on packed weights and an in-place KV cache) gives the logits of the
+LM's forward to float32 rounding and exactly the tokens of the plain path and of Hugging Face `generate`: greedy and
+seeded sampling, one row and a left-padded batch; its packed weights follow every change of the model's; and no
+FutureWarning."""
 
 import warnings
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from sparkles import generate as gen
+from sparkles import llama_step as step_module
 from sparkles.config import SamplingParams
 from sparkles.generate import KVCache, generate
 
@@ -37,7 +40,7 @@ def run(lm, embeds, params, **kwargs):
 def plain(monkeypatch):
     """Run `generate` the plain way: the LM's own forward every step, on transformers' DynamicCache."""
     def use():
-        monkeypatch.setattr(gen._Step, "fits", staticmethod(lambda lm: False))
+        monkeypatch.setattr(gen.LlamaStep, "fits", staticmethod(lambda lm: False))
         monkeypatch.setattr(gen, "_slabs", lambda lm, past, reserve: past if past is not None else _dynamic())
     return use
 
@@ -48,10 +51,12 @@ def _dynamic():
     return DynamicCache()
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention
-def test_the_step_gives_the_forward_logits_bit_for_bit(kv_heads):
+def test_the_step_gives_the_forward_logits(kv_heads, packed, monkeypatch):
+    monkeypatch.setattr(step_module, "PACK_LIMIT_BYTES", step_module.PACK_LIMIT_BYTES if packed else 0)
     lm = llama(kv_heads)
-    assert gen._Step.fits(lm)
+    assert gen.LlamaStep.fits(lm)
     prompt = lm.get_input_embeddings()(ids(2, 20))
     mask = torch.ones(2, 21, dtype=torch.long)
     mask[1, :5] = 0  # row 1 is left-padded
@@ -63,10 +68,14 @@ def test_the_step_gives_the_forward_logits_bit_for_bit(kv_heads):
                **gen.cache_kwargs(lm, past))
         token = lm.get_input_embeddings()(ids(2, 1, seed=7))
         positions = mask.sum(-1, keepdim=True) - 1
-        fast = gen._Step(lm)(token, positions, mask[:, None, None, :].bool(), caches[0])
+        step = gen.LlamaStep(lm)
+        fast = step(token, positions, mask[:, None, None, :].bool(), caches[0])
         slow = lm(inputs_embeds=token, attention_mask=mask, position_ids=positions, use_cache=True,
                   **gen.cache_kwargs(lm, caches[1])).logits[:, -1]
-    assert torch.equal(fast, slow)
+    assert (len(step.layers[0].qkv) == 2) == packed  # one (in, out) matrix and its bias, or three views
+    # The packed products sum in another order: the last bits of float32 may differ, nothing more.
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -134,10 +143,39 @@ def test_a_hooked_lm_runs_its_own_forward_every_step():
     lm = llama()
     calls = []
     hook = lm.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
-    assert not gen._Step.fits(lm)
+    assert not gen.LlamaStep.fits(lm)
     with torch.inference_mode():
         hooked = run(lm, lm.get_input_embeddings()(ids(1, 10)), SamplingParams(max_new_tokens=6))
     hook.remove()
     assert len(calls) == 6
     with torch.inference_mode():
         assert torch.equal(hooked, run(lm, lm.get_input_embeddings()(ids(1, 10)), SamplingParams(max_new_tokens=6)))
+
+
+def test_packed_weights_follow_every_change_of_the_model():
+    """Packed once per model; a weight changed in place (an optimizer step), replaced (a reload), or a model moved
+    to another dtype is packed again, so decoding after training never uses stale weights."""
+    lm = llama()
+    prompt = lm.get_input_embeddings()(ids(1, 12)).detach()
+    params = SamplingParams(max_new_tokens=8)
+
+    def both():
+        with torch.inference_mode():
+            fast = run(lm, prompt, params)
+            slow = run(lm, prompt, params, use_cache=False)
+        return fast, slow
+
+    fast, slow = both()
+    assert torch.equal(fast, slow)
+    first = step_module._weights(lm)
+    assert step_module._weights(lm) is first  # the same model, unchanged: the same packed tensors
+    with torch.no_grad():
+        lm.lm_head.weight[int(fast[0, 0])] -= 10  # the first token is now the least likely one
+        lm.model.layers[1].mlp.up_proj.weight.mul_(3)
+    changed, slow = both()
+    assert torch.equal(changed, slow) and changed[0, 0] != fast[0, 0]
+    assert step_module._weights(lm) is not first
+    lm.model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(torch.randn_like(lm.model.layers[0].self_attn
+                                                                                     .q_proj.weight))
+    replaced, slow = both()
+    assert torch.equal(replaced, slow)

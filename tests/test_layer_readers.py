@@ -18,7 +18,8 @@ from sparkles.config import AdapterConfig, DataConfig, DataSource, OptimConfig, 
 from sparkles.conversation import Conversation, Message, Text, user_message
 from sparkles.engine import Engine
 from sparkles.errors import ConfigError
-from sparkles.generate import Chat, _Step, generate
+from sparkles.generate import Chat, generate
+from sparkles.llama_step import LlamaStep
 from sparkles.model.checkpoint import load_checkpoint
 from sparkles.session import ChatSession
 from sparkles.train.loop import train
@@ -45,7 +46,7 @@ def test_cached_greedy_generation_equals_full_recomputation_without_the_fast_ste
     images = model.encode_images(encoded.pixel_values)
     embeds, state = model.embed(ids, images).detach(), model.signal(ids, images)
     params = SamplingParams(max_new_tokens=16)
-    monkeypatch.setattr(_Step, "fits", staticmethod(lambda lm: True))  # were the step asked, it would run wrongly
+    monkeypatch.setattr(LlamaStep, "fits", staticmethod(lambda lm: True))  # were the step asked, it would run wrongly
     cached = [int(t) for t in generate(model.lm, embeds, params, signal=state)]
     uncached = [int(t) for t in generate(model.lm, embeds, params, signal=state, use_cache=False)]
     assert len(cached) == 16 and cached == uncached

@@ -1,0 +1,186 @@
+"""The lean decoding step of a plain Llama: transformers' forward without its modules' Python machinery, on weights
+laid out for one-token products.
+
+After the prompt, a decoding step multiplies one row by every weight matrix: on a CPU that reads all the weights
+from memory once per token, and the Python around the products costs as much as the small ones do. The step looks
+each layer's tensors up once and runs only the torch operations of the forward. On a CPU it also keeps a copy of the
+linear weights transposed to (in, out), contiguous, with q/k/v and gate/up side by side: a one-row product streams
+such a matrix about 10 % faster than transformers' (out, in) one, and one product replaces three (or two). The copy
+is made once per model and made again only when a weight changes (a training step between evaluations).
+
+The sums of those products run in another order than transformers' own, so logits may differ from the forward's
+in the last bits of float32 (`tests/test_decode_fast.py` bounds it); greedy and seeded tokens are the forward's and
+HF `generate`'s in every test and benchmark case (`bench/bench_decode.py` checks each round).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# A CPU model whose linear weights take more than this keeps using them as they are: the copy would cost as much
+# memory again, and for such sizes the products, not the Python around them, are the step's time.
+PACK_LIMIT_BYTES = 1 << 30
+
+_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> (weights' identity, packed layers)
+
+
+class _Layer(NamedTuple):
+    attention: object  # the LlamaAttention module, which transformers' sdpa wrapper reads its GQA groups from
+    norm1: tuple[torch.Tensor, float]
+    qkv: tuple[torch.Tensor, ...]  # one (in, out) matrix and bias when packed, else the three (out, in).T views
+    o: tuple[torch.Tensor, torch.Tensor | None]
+    norm2: tuple[torch.Tensor, float]
+    act: object
+    gate_up: tuple[torch.Tensor, ...]
+    down: tuple[torch.Tensor, torch.Tensor | None]
+
+
+class LlamaStep:
+    """One decoding step of a LlamaForCausalLM (sdpa attention) on a cache of slabs; see the module's note."""
+
+    def __init__(self, lm):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.lm, self.attend = lm, ALL_ATTENTION_FUNCTIONS["sdpa"]
+        first = lm.model.layers[0].self_attn
+        self.head_dim, self.scaling = first.head_dim, first.scaling
+        self.layers, self.head, self.packed = _weights(lm)
+        self.norm = (lm.model.norm.weight, lm.model.norm.variance_epsilon)
+
+    @staticmethod
+    def fits(lm) -> bool:
+        """Whether the step computes what `lm`'s forward would: a plain Llama, in eval mode, nothing hooked into it
+        or patched (a LoRA layer, a forward hook, a kernel swapped in), sdpa attention; else the forward runs."""
+        from torch.nn.modules import module
+        from transformers import LlamaForCausalLM
+        from transformers.models.llama import modeling_llama as llama
+
+        if (type(lm) is not LlamaForCausalLM or lm.training or lm.config._attn_implementation != "sdpa"
+                or module._global_forward_hooks or module._global_forward_pre_hooks):
+            return False
+        plain = (llama.LlamaModel, llama.LlamaDecoderLayer, llama.LlamaAttention, llama.LlamaMLP, llama.LlamaRMSNorm,
+                 llama.LlamaRotaryEmbedding, torch.nn.Linear, torch.nn.Embedding, torch.nn.ModuleList)
+        for m in lm.modules():
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+                return False
+            if m is not lm and type(m) not in plain and not any(m is x.mlp.act_fn for x in lm.model.layers):
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, past) -> torch.Tensor:
+        """(B, T, D) new positions at (B, T) positions on top of `past` -> (B, V) logits of the last one. `mask`:
+        (B, 1, T, L) bool, or None where every position is real (what transformers' sdpa mask gives then)."""
+        b, t, _ = x.shape
+        cos, sin = (e.unsqueeze(1) for e in self.lm.model.rotary_emb(x, positions))
+        half, dim = cos.shape[-1] // 2, self.head_dim
+        # rotate_half(q) * sin == roll(q) * (sin with its first half negated), exactly: one op instead of four.
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        x = x.reshape(b * t, -1)  # 2-D rows: a product on them skips the reshapes of the 3-D path
+        for layer, w in zip(past.layers, self.layers):
+            h = _rms(x, *w.norm1)
+            q, k, v = _split(h, w.qkv, w.attention, dim, b, t, cos, sin, half)
+            k, v = layer.update(k, v)
+            if w.attention.num_key_value_groups == 1:  # what transformers' sdpa wrapper calls then, minus its checks
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                                     is_causal=t > 1 and mask is None).transpose(1, 2)
+            else:
+                out, _ = self.attend(w.attention, q, k, v, mask, dropout=0.0, scaling=self.scaling)
+            x = _linear(out.reshape(b * t, -1), *w.o, add=x, fuse=self.packed)
+            h = _rms(x, *w.norm2)
+            if len(w.gate_up) == 2:
+                gate, up = _linear(h, *w.gate_up).chunk(2, dim=-1)
+            else:
+                gate, up = _linear(h, *w.gate_up[:2]), _linear(h, *w.gate_up[2:])
+            x = _linear(w.act(gate) * up, *w.down, add=x, fuse=self.packed)
+        return _linear(_rms(x.view(b, t, -1)[:, -1], *self.norm), *self.head)
+
+
+def _split(h: torch.Tensor, qkv: tuple, attention, dim: int, b: int, t: int, cos, sin, half: int):
+    """q and k rotated, and v, as (B, heads, T, dim), from the packed product or the three separate ones."""
+    if len(qkv) == 2:
+        heads = attention.config.num_attention_heads
+        kv = (qkv[0].shape[1] // dim - heads) // 2
+        both = _linear(h, *qkv).view(b, t, -1, dim).transpose(1, 2)  # (B, heads + 2 kv, T, dim)
+        qk, v = both.split((heads + kv, kv), dim=1)
+        qk = qk * cos + qk.roll(half, -1) * sin  # q and k rotated together: one pass of four ops, not two
+        return (*qk.split((heads, kv), dim=1), v)
+    q, k, v = (_linear(h, *qkv[i:i + 2]).view(b, t, -1, dim).transpose(1, 2) for i in (0, 2, 4))
+    return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
+
+
+def _weights(lm) -> tuple[list[_Layer], tuple, bool]:
+    """Each layer's tensors and the head's, packed (module note) where the model is on a CPU and small enough."""
+    linears = [m for x in lm.model.layers for m in (x.self_attn.q_proj, x.self_attn.k_proj, x.self_attn.v_proj,
+                                                     x.self_attn.o_proj, x.mlp.gate_proj, x.mlp.up_proj,
+                                                     x.mlp.down_proj)] + [lm.lm_head]
+    weights = [m.weight for m in linears]
+    # float32 only: in bfloat16 a product rounds its sum once more than float32 does, and another order of the sum
+    # could move a token; such models decode with transformers' own products.
+    pack = (weights[0].device.type == "cpu" and all(w.dtype == torch.float32 for w in weights)
+            and sum(w.numel() * w.element_size() for w in weights) <= PACK_LIMIT_BYTES)
+    identity = _identity(linears) if pack else None
+    held = _packed.get(lm)
+    if identity is not None and held is not None and _same(held[0], identity):
+        return held[1]
+    layers = []
+    for x in lm.model.layers:
+        a, mlp = x.self_attn, x.mlp
+        norms = [(n.weight, n.variance_epsilon) for n in (x.input_layernorm, x.post_attention_layernorm)]
+        qkv = _join(a.q_proj, a.k_proj, a.v_proj) if pack else _views(a.q_proj, a.k_proj, a.v_proj)
+        gate_up = _join(mlp.gate_proj, mlp.up_proj) if pack else _views(mlp.gate_proj, mlp.up_proj)
+        o, down = (_join(m) if pack else _views(m) for m in (a.o_proj, mlp.down_proj))
+        layers.append(_Layer(a, norms[0], qkv, o, norms[1], mlp.act_fn, gate_up, down))
+    result = (layers, _join(lm.lm_head) if pack else _views(lm.lm_head), pack)
+    if pack and identity is not None:
+        _packed[lm] = (identity, result)
+    return result
+
+
+def _identity(linears) -> list | None:
+    """What tells whether any weight changed: each tensor (weakly held, so a replaced one is seen as gone, never
+    mistaken for a new one at the same address) and its in-place version; None where a tensor keeps no version
+    (made under inference mode), so that a packed copy is never trusted for it."""
+    try:
+        return [(weakref.ref(t), t._version) for m in linears for t in (m.weight, m.bias) if t is not None]
+    except RuntimeError:
+        return None
+
+
+def _same(held: list, now: list) -> bool:
+    return len(held) == len(now) and all(a() is b() and v == w for (a, v), (b, w) in zip(held, now))
+
+
+def _join(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(in, sum of outs) contiguous weight and the joined bias of linears that read the same input."""
+    weight = torch.cat([m.weight.detach().t() for m in linears], dim=1).contiguous()
+    biases = [m.bias for m in linears]
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    return weight, bias
+
+
+def _views(*linears) -> tuple:
+    """(weight.T, bias) of each linear, flattened: transformers' own products."""
+    return tuple(x for m in linears for x in (m.weight.t(), m.bias))
+
+
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None = None,
+            fuse: bool = False) -> torch.Tensor:
+    """x @ weight_t (+ bias) (+ add) on 2-D rows, without F.linear's dispatch and transpose. With `fuse` the product
+    sums the residual `add` itself (packed float32 weights); else it is added after, as transformers does."""
+    if fuse and bias is None and add is not None:
+        return torch.addmm(add, x, weight_t)
+    out = torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    return out if add is None else add + out
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's forward: in float32, torch's fused rms_norm (the same values); else operation for operation."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
