@@ -258,3 +258,23 @@ def test_torchrun_two_processes_train_end_to_end(dataset, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_torchrun_runs_a_staged_recipe_stage_after_stage(dataset, tmp_path):
+    """Every stage trains in the one process group torchrun gave the processes (the second stage used to fail
+    with "trying to initialize the default process group twice"), and starts from the stage before."""
+    config = tmp_path / "staged.json"
+    config.write_text(json.dumps({"stages": [{"name": "first", "overrides": ["optim.max_steps=1"]},
+                                             {"name": "second", "overrides": ["optim.max_steps=2"]}]}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "sparkles.cli", "train",
+         "--preset", "tiny", str(config), f"data={dataset / 'd.json'}", f"out={tmp_path / 'run'}",
+         "optim.batch_size=2"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stage, steps in (("1-first", [1]), ("2-second", [1, 2])):
+        rows = [json.loads(line) for line in (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == steps
+        assert (tmp_path / "run" / stage / "model" / "model.safetensors").is_file()
+    second = json.loads((tmp_path / "run" / "2-second" / "config.json").read_text())
+    assert second["init"] == str(tmp_path / "run" / "1-first" / "model")

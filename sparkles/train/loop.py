@@ -7,6 +7,7 @@ training in `evaluators.py`. Only rank 0 writes files and shows progress.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -66,11 +67,11 @@ def init_distributed() -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        device = torch.device("cuda", local)
-    else:
-        dist.init_process_group("gloo")
-        device = torch.device("cpu")
+    if not dist.is_initialized():  # a staged recipe trains stage after stage in one process group
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Left to the interpreter's teardown, the group's threads could abort a rank after its work was done.
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     return Dist(dist.get_rank(), world, device)
 
 
