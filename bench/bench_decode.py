@@ -1,6 +1,7 @@
 """Decoding speed: our token iterator (`generate.generate`) against Hugging Face `generate` on the same weights.
 
     python bench/bench_decode.py [--repeats 5] [--prompt 200] [--new 64] [--batches 1 8] [--threads 1] [--clock cpu]
+                                 [--check N]
 
 Two random Llama LMs (about 4 M and 28 M parameters, float32, CPU by default), a random prompt of `--prompt` ids
 per row, greedy, exactly `--new` new tokens (no stop id on either side). HF gets the ids (`lm.generate`, its own
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; on a shared machine use 1")
     parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"], help="what the seconds columns measure")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="before timing, compare the tokens of N more random prompts per case (untimed)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,6 +105,13 @@ def main() -> None:
             generator = torch.Generator().manual_seed(batch)
             ids = torch.randint(1, SIZES[name]["vocab_size"], (batch, args.prompt), generator=generator)
             ids = ids.to(args.device)
+            for seed in range(args.check):  # more prompts, untimed: the same tokens is the point
+                more = torch.randint(1, SIZES[name]["vocab_size"], (batch, args.prompt),
+                                     generator=torch.Generator().manual_seed(1000 + seed)).to(args.device)
+                with torch.inference_mode():
+                    if not torch.equal(hf(lm, more, args.new), ours(lm, more, args.new)):
+                        mismatches += 1
+                        print(f"!!! TOKEN MISMATCH: {name}, batch {batch}, checked prompt {seed}", file=sys.stderr)
             timed(hf, lm, ids, 4)  # warm-up: lazy initialisation on both sides
             timed(ours, lm, ids, 4)
             times: dict[str, list[float]] = {"hf": [], "ours": []}
