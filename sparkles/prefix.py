@@ -69,11 +69,13 @@ class PrefixCache:
         return best, self._entries[found]
 
     def store(self, ids: list[int], images: list[tuple[int, str]], layers) -> None:
-        """Keep a prompt's cache: `layers` are (1, H, L, d) keys and values, copied so the batch's memory is freed."""
+        """Keep a prompt's cache: `layers` are (1, H, L, d) keys and values. A tensor that is all of its storage (a
+        prompt prefilled alone) is kept as it is, since nothing writes into it; a row of a batch is copied, so that
+        the batch's memory is freed with the batch."""
         if self.capacity <= 0:
             return
         entry = Prefix(torch.tensor(ids, dtype=torch.long), tuple(images),
-                       tuple((k.detach().clone(), v.detach().clone()) for k, v in layers))
+                       tuple((_own(k), _own(v)) for k, v in layers))
         if entry.nbytes > self.capacity:
             return
         # An entry this one extends is of no more use: every lookup it would win, this one wins too.
@@ -104,6 +106,12 @@ class PrefixCache:
             if start < n and (held.get(start) != key or start + self.tokens_per_image > n):
                 return start
         return n
+
+
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself where it is the whole of its storage, else a copy of it alone."""
+    whole = x.is_contiguous() and x.untyped_storage().nbytes() == x.nbytes and x.storage_offset() == 0
+    return x.detach() if whole else x.detach().clone()
 
 
 def image_keys(encoded) -> list[tuple[int, str]]:

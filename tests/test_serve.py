@@ -343,6 +343,24 @@ def test_the_prefix_cache_stays_within_its_bound_and_tells_images_apart():
     assert cache.lookup(a + [11], [(2, "a" * 64)])[0] == 0  # the oldest went first
 
 
+def test_the_prefix_cache_keeps_a_lone_prompt_without_a_copy_and_copies_a_batch_row():
+    """A prompt prefilled alone is kept as it is (no copy before its next tokens); a row of a batch is copied, so
+    the batch's memory goes with the batch and the entry counts only its own bytes."""
+    import torch
+
+    from sparkles.prefix import PrefixCache
+
+    cache = PrefixCache(capacity=1 << 20, tokens_per_image=2)
+    alone = (torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    cache.store_rows([(0, list(range(6)), [])], [type("Layer", (), {"keys": alone[0], "values": alone[1]})])
+    batch = (torch.randn(3, 2, 8, 4), torch.randn(3, 2, 8, 4))
+    cache.store_rows([(1, list(range(10, 15)), [])], [type("Layer", (), {"keys": batch[0], "values": batch[1]})])
+    (kept,), (row,) = (e.layers for e in cache._entries.values())
+    assert kept[0].data_ptr() == alone[0].data_ptr() and kept[1].data_ptr() == alone[1].data_ptr()
+    assert row[0].untyped_storage().nbytes() == row[0].nbytes == 2 * 5 * 4 * 4
+    assert torch.equal(row[0], batch[0][1:2, :, -5:]) and torch.equal(row[1], batch[1][1:2, :, -5:])
+
+
 def test_a_flood_of_bad_requests_leaves_it_serving(chat, tmp_path):
     engine = Engine.from_chat(chat)
     bad = [raw for raw, _, _ in _bad_requests(tmp_path)[:14]] * 8  # none that the default config allows
