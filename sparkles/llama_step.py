@@ -142,16 +142,18 @@ def _weights(lm) -> tuple[list[_Layer], tuple, bool]:
 
 def _identity(linears) -> list | None:
     """What tells whether any weight changed: each tensor (weakly held, so a replaced one is seen as gone, never
-    mistaken for a new one at the same address) and its in-place version; None where a tensor keeps no version
-    (made under inference mode), so that a packed copy is never trusted for it."""
+    mistaken for a new one at the same address), its in-place version and its storage (a `.data` swapped under the
+    same Parameter); None where a tensor keeps no version (made under inference mode), so that a packed copy is
+    never trusted for it."""
     try:
-        return [(weakref.ref(t), t._version) for m in linears for t in (m.weight, m.bias) if t is not None]
+        return [(weakref.ref(t), t._version, t.data_ptr()) for m in linears for t in (m.weight, m.bias)
+                if t is not None]
     except RuntimeError:
         return None
 
 
 def _same(held: list, now: list) -> bool:
-    return len(held) == len(now) and all(a() is b() and v == w for (a, v), (b, w) in zip(held, now))
+    return len(held) == len(now) and all(a() is b() and v == w and p == q for (a, v, p), (b, w, q) in zip(held, now))
 
 
 def _join(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:

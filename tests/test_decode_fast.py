@@ -179,3 +179,7 @@ def test_packed_weights_follow_every_change_of_the_model():
                                                                                      .q_proj.weight))
     replaced, slow = both()
     assert torch.equal(replaced, slow)
+    down = lm.model.layers[2].mlp.down_proj.weight
+    down.data = torch.randn_like(down)  # a new tensor under the same Parameter, as some merges do
+    swapped, slow = both()
+    assert torch.equal(swapped, slow) and step_module._weights(lm) is not first
