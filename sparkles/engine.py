@@ -7,24 +7,24 @@ leave it once finished or cancelled. Each request streams through its own queue.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
-import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
-from .config import SamplingParams
+from .config import SamplingParams, reader_switch
 from .errors import ContextLengthError, EngineClosedError, QueueFullError  # noqa: F401 (the server's)
 from .generate import Chat, cache_kwargs, sample
 from .llama_step import LlamaStep
+from .model.layer_state import state_kwargs
 from .prefix import PrefixCache, check_engine, image_keys, kinds_mask, lm_masks
 from .prefix import pad_left as _pad
 from .prefix import plain_layer as _plain
 from .processor import Encoded, TextStream
+from .request import Event, Request
 
 log = logging.getLogger(__name__)
 ROW_FAILED = "generation failed for this request"  # one row's error: the others in its batch go on
@@ -35,67 +35,6 @@ class EngineConfig:
     max_batch: int = 8  # rows decoded together; 1 serves one request at a time
     max_queue: int = 64  # requests waiting to join; past this `submit` refuses (HTTP 429)
     prefix_cache_mb: float = 0  # KV of prompts kept to resume later ones that start alike (prefix.py); 0 = off
-
-
-@dataclass(frozen=True)
-class Event:
-    """One message from the engine to a request's reader: a text delta, or the end with its counts."""
-
-    text: str = ""
-    finish_reason: str | None = None  # stop | length | cancelled | error; None while generating
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-    @property
-    def usage(self) -> dict:
-        """OpenAI's usage object; prompt tokens include every image's tokens."""
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-class Request:
-    """A submitted generation: read its events (sync `for` or async `events()`), `cancel()` to stop it early."""
-
-    def __init__(self, encoded: Encoded, params: SamplingParams, *, ignore_eos: bool = False, loop=None):
-        self.encoded, self.params, self.ignore_eos = encoded, params, ignore_eos
-        self.prompt_tokens = len(encoded.rendered)
-        self._loop = loop
-        # An asyncio reader gets its events on its own loop; a thread reader blocks on a plain queue.
-        self._queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
-        self._cancelled = threading.Event()
-        self.done = False  # set by the engine once the final event is out
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating at the next step; the reader gets a final event with finish_reason "cancelled"."""
-        self._cancelled.set()
-
-    def emit(self, event: Event) -> None:
-        if self._loop is None:
-            self._queue.put(event)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the reader's loop is closed: nobody is listening any more
-            self.cancel()
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            event = self._queue.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    async def events(self):
-        while True:
-            event = await self._queue.get()
-            yield event
-            if event.finish_reason is not None:
-                return
 
 
 @dataclass
@@ -112,6 +51,7 @@ class _Row:
     started: bool = False  # whether non-blank text has been sent (the answer's leading blanks are dropped)
     finish: str | None = None
     broken: str | None = None  # why this row cannot go on (a seed torch refused): it ends with an error
+    reads: object = None  # a reader model's state of the last prompt position, which each new token reads too
 
     @staticmethod
     def waiting(request: Request) -> _Row:
@@ -131,10 +71,15 @@ class Engine:
         self._rows: list[_Row] = []
         self._cache, self._mask, self._last = None, None, None  # the batch: KV cache, (B, L) mask, (B,) next input
         self._joinable = True  # False once a cache turns out not to be left-paddable (sliding windows)
-        fits = model.config.attention == "causal" and LlamaStep.fits(model.lm)  # built once: a served model stays
-        self._step = LlamaStep(model.lm) if fits else None  # as it is; `generate` takes the same step
+        fits = model.config.attention == "causal" and model.reader is None and LlamaStep.fits(model.lm)  # built once
+        self._step = LlamaStep(model.lm) if fits else None  # (a served model stays as it is), as `generate` takes it
         self.counts = collections.Counter()
-        self.prefix = PrefixCache(int(config.prefix_cache_mb * 2**20), processor.config.tokens_per_image)  # thread's
+        room = int(config.prefix_cache_mb * 2**20)
+        if model.reader is not None and room:  # its later positions read earlier images, which a prefix lacks
+            log.warning("the prefix cache is off for %s: a stored prefix does not keep the images its layers read",
+                     reader_switch(model.config))
+            room = 0
+        self.prefix = PrefixCache(room, processor.config.tokens_per_image)  # the engine thread's
         self._thread = threading.Thread(target=self._run, name="sparkles-engine", daemon=True)
         self._thread.start()
 
@@ -254,15 +199,17 @@ class Engine:
         fresh = [(r, k) for r, k, (n, _) in zip(requests, keys, found) if not n]
         groups = [([(r, k)], n, hit) for r, k, (n, hit) in zip(requests, keys, found) if n]
         for group, start, hit in groups + ([(fresh, 0, None)] if fresh else []):
-            prompts = [self.chat.embed(r.encoded, start) for r, _ in group]  # [(1, T, D), (1, S)]
-            width = max(e.shape[1] for e, _ in prompts)
-            embeds = torch.cat([_pad(e, width, dim=1) for e, _ in prompts])  # (B, T, D)
+            parts = [self._parts(r.encoded, start) for r, _ in group]  # [(1, T, D), (1, S), state or None]
+            width = max(e.shape[1] for e, *_ in parts)
+            embeds = torch.cat([_pad(e, width, dim=1) for e, *_ in parts])  # (B, T, D)
             mask = torch.cat([_pad(kinds_mask(self.chat.model, r.encoded.rendered.input_ids, e.device), start + width,
-                                   dim=1) for (r, _), (e, _) in zip(group, prompts)])  # (B, start + T), 2 = image
+                                   dim=1) for (r, _), (e, *_) in zip(group, parts)])  # (B, start + T), 2 = image
+            states = [state for *_, state in parts]
+            signal = None if states[0] is None else type(states[0]).left_padded(states, width)
             # A copy of the entry's first `start` positions: entries are never written.
             cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None)
-            logits = self._forward(embeds, mask, cache)
-            rows = [self._row(r, ids, k) for (r, k), (_, ids) in zip(group, prompts)]
+            logits = self._forward(embeds, mask, cache, signal)
+            rows = [self._row(r, ids, k, state and state.tail(1)) for (r, k), (_, ids, state) in zip(group, parts)]
             first = self._sample(rows, logits)  # the first tokens go out before the prompts' KV is copied to keep
             if all(_plain(layer) for layer in cache.layers):  # a sliding window forgets the start: nothing to keep
                 self.prefix.store_rows([(i, r.encoded.rendered.input_ids, k) for i, (r, k) in enumerate(group)],
@@ -270,7 +217,14 @@ class Engine:
             self._merge(rows, cache, mask, first)
         self._drop_finished()
 
-    def _row(self, request: Request, text_ids: torch.Tensor, keys: list) -> _Row:
+    def _parts(self, encoded: Encoded, start: int) -> tuple:
+        """Embeddings (1, T, D) past `start`, text ids (1, S), and a reader model's state of the prompt (or None)."""
+        if self.chat.model.reader is None:
+            return *self.chat.embed(encoded, start), None
+        embeds, text_ids, _, state = self.chat.parts(encoded)
+        return embeds, text_ids, state
+
+    def _row(self, request: Request, text_ids: torch.Tensor, keys: list, reads=None) -> _Row:
         params, seed, broken = request.params, request.params.seed, None
         try:  # a per-request generator: the same seed gives the same answer in any batch
             generator = None if seed is None else torch.Generator(text_ids.device).manual_seed(seed)
@@ -278,7 +232,7 @@ class Engine:
             generator = None
             broken = f"seed {params.seed} refused: {e}"
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
-        return _Row(request, stream, text_ids, generator, params.max_new_tokens, keys, broken=broken)
+        return _Row(request, stream, text_ids, generator, params.max_new_tokens, keys, broken=broken, reads=reads)
 
     def _decode(self) -> None:
         """One step for every row: feed each row's last token, sample its next one."""
@@ -291,18 +245,21 @@ class Engine:
         ones = torch.ones(len(self._rows), 1, dtype=self._mask.dtype, device=self._mask.device)
         self._mask = torch.cat([self._mask, ones], dim=1)
         inputs = self.chat.model.lm.get_input_embeddings()(self._last[:, None])  # (B, 1, D)
-        logits = self._forward(inputs, self._mask, self._cache)
+        reads = [row.reads for row in self._rows]
+        signal = None if reads[0] is None else type(reads[0]).left_padded(reads, 1)
+        logits = self._forward(inputs, self._mask, self._cache, signal)
         self._last = self._sample(self._rows, logits)
         self._drop_finished()
 
-    def _forward(self, inputs: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, mask: torch.Tensor, cache, signal=None) -> torch.Tensor:
         """(B, T, D) new positions on top of `cache` -> (B, V) logits of the last one."""
         positions = (mask.clamp(max=1).cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]  # MMCA marks images 2
         if inputs.shape[1] == 1 and self._step is not None:  # a decoding step of a plain Llama: the lean one
             real = mask > 0
             return self._step(inputs, positions, None if bool(real.all()) else real[:, None, None, :], cache).float()
         out = self.chat.model.lm(inputs_embeds=inputs, position_ids=positions, use_cache=True, logits_to_keep=1,
-                                 **cache_kwargs(self.chat.model.lm, cache), **lm_masks(self.chat.model, mask))
+                                 **cache_kwargs(self.chat.model.lm, cache), **lm_masks(self.chat.model, mask),
+                                 **state_kwargs(signal))
         return out.logits[:, -1].float()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import reader_switch
 from .errors import ConfigError
 from .model.attention import lm_kwargs
 
@@ -157,12 +156,6 @@ def lm_masks(model, mask: torch.Tensor) -> dict:
 
 
 def check_engine(model, config) -> None:
-    """ConfigError for what the engine (and its prefix cache) cannot run: its `config` out of range, or a model with
-    adapters or cross-attention, whose rows would each need their own per-position state carried through joins,
-    merges and stored prefixes (`model/layer_state.py`); `Chat` and `ChatSession` serve such a model."""
+    """ConfigError for an engine `config` out of range."""
     if config.max_batch < 1 or config.max_queue < 0:
         raise ConfigError(f"max_batch must be >= 1 and max_queue >= 0, got {config}")
-    switch = reader_switch(model.config)
-    if switch:
-        raise ConfigError(f"{switch}: the serve engine and its prefix cache do not carry the per-row state through "
-                          "which the LM's layers read the images; use Chat or ChatSession, or a model without it")

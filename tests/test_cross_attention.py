@@ -143,7 +143,7 @@ def test_every_picks_layers_as_flamingo_and_bad_settings_are_refused():
 # (c) Generation, sessions, batches
 
 
-# Cached decoding, sessions, batches and the engine's refusal: tests/test_layer_readers.py, for every reader.
+# Cached decoding, sessions, batches and the serve engine: tests/test_layer_readers.py, for every reader.
 
 
 def test_the_llava_export_refuses_cross_attention():

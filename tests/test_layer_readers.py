@@ -1,6 +1,6 @@
 """What every reader of images inside the LM (adapters, gated cross-attention; `model/layer_state.py`) must keep:
-cached decoding equals full recomputation, a session equals re-prefilling, a batch row equals the row alone, and
-the serve engine refuses it by the switch's name."""
+cached decoding equals full recomputation, a session equals re-prefilling, and a batch row, in `Chat`, in a
+`BatchSession` or in the serve engine (joining a running batch too), equals the row alone."""
 
 import dataclasses
 import json
@@ -16,8 +16,7 @@ from test_cross_attention import cross
 from sparkles.batch_session import BatchSession
 from sparkles.config import AdapterConfig, DataConfig, DataSource, OptimConfig, SamplingParams, TrainConfig
 from sparkles.conversation import Conversation, Message, Text, user_message
-from sparkles.engine import Engine
-from sparkles.errors import ConfigError
+from sparkles.engine import Engine, EngineConfig
 from sparkles.generate import Chat, generate
 from sparkles.llama_step import LlamaStep
 from sparkles.model.checkpoint import load_checkpoint
@@ -25,7 +24,7 @@ from sparkles.session import ChatSession
 from sparkles.train.loop import train
 
 GREEDY = SamplingParams(max_new_tokens=8)
-# name -> (builder, its argument, what the engine's refusal names)
+# name -> (builder, its argument, the switch)
 READERS = {"imagebind": (build_adapted, "imagebind", "model.adapter.kind=imagebind"),
            "llama-adapter": (build_adapted, "llama-adapter", "model.adapter.kind=llama-adapter"),
            "cross-attention, previous image": (build_crossed, "previous", "model.cross_attention.every=1"),
@@ -70,7 +69,7 @@ def test_a_session_whose_later_turn_adds_an_image_equals_full_reprefill(name):
 
 
 @pytest.mark.parametrize("name", READERS)
-def test_batches_answer_as_each_row_alone_and_the_engine_refuses(name):
+def test_batches_and_the_serve_engine_answer_as_each_row_alone(name):
     model, processor = build(name)
     chat = Chat(model, processor)
     conversations = [two_images(), Conversation((user_message("Is IMAGE#1 red?", [solid("red")]),)),
@@ -79,8 +78,20 @@ def test_batches_answer_as_each_row_alone_and_the_engine_refuses(name):
     alone = [chat.answer(c, GREEDY) for c in conversations]
     assert chat.answer_batch(conversations, GREEDY) == alone
     assert BatchSession(chat).answer_batch(conversations, GREEDY) == alone
-    with pytest.raises(ConfigError, match=READERS[name][2]):
-        Engine(model, processor)
+    engine = Engine(model, processor, EngineConfig(max_batch=4, prefix_cache_mb=64))
+    try:
+        assert engine.stats()["prefix_cache"]["capacity_bytes"] == 0  # stored prefixes would lose the images
+        together = [engine.submit(engine.encode(c), GREEDY) for c in conversations]  # prefilled as one group
+        answers = ["".join(e.text for e in r).strip() for r in together]
+        first = engine.submit(engine.encode(conversations[0]), SamplingParams(max_new_tokens=24))
+        events = iter(first)
+        head = next(events)  # decoding has begun: the next ones join a running batch, their states merged in
+        joined = [engine.submit(engine.encode(c), GREEDY) for c in conversations[1:]]
+        joined_answers = ["".join(e.text for e in r).strip() for r in joined]
+        assert head.error is None and all(e.error is None for e in events)
+    finally:
+        engine.close()
+    assert answers == alone and joined_answers == alone[1:]
 
 
 @pytest.mark.parametrize("switch", ["llama-adapter", "cross-attention"])
