@@ -62,6 +62,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.add_argument("--allow-http", action="store_true", help="allow http(s) image URLs")
     chat.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     chat.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    chat.add_argument("--lookahead", type=int, default=0, metavar="K",
+                      help="greedy answers check K guessed tokens a decoding step (prompt lookup): the same answer, "
+                      "in fewer steps")
     _sampling_arguments(chat)
     chat.set_defaults(run=_run_chat)
 
@@ -128,7 +131,12 @@ def load_chat(args):
     if is_untrained_default(args.model):
         print("note: no trained default model is installed yet, so Sparkles built a tiny untrained one: its answers "
               "are random text. Pass --model DIR to chat with a trained checkpoint.", file=sys.stderr)
-    return Chat(model, processor)
+    lookahead = getattr(args, "lookahead", 0)
+    if lookahead < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--lookahead must be 0 (off) or more guessed tokens a step, got {lookahead}")
+    return Chat(model, processor, lookahead=lookahead)
 
 
 def check_device(name: str) -> str:
@@ -201,7 +209,7 @@ def _repl(chat, images, sampling, *, allow_http: bool) -> int:
     from .image import image_part
     from .session import ChatSession
 
-    session, pending = ChatSession(chat.model, chat.processor), list(images)
+    session, pending = ChatSession(chat.model, chat.processor, lookahead=chat.lookahead), list(images)
     try:  # a line that is not UTF-8 reaches check_text, which refuses it, and the session goes on
         sys.stdin.reconfigure(errors="surrogateescape")
     except Exception:  # noqa: BLE001 (a stdin that is no text file: a test's, or a pipe's replacement)

@@ -17,6 +17,7 @@ from .config import GREEDY_BELOW, SamplingParams
 from .conversation import Conversation, Message, Text
 from .errors import ContextLengthError
 from .llama_step import LlamaStep
+from .lookahead import greedy_lookahead
 from .model.attention import lm_kwargs
 from .model.layer_state import LayerState, state_kwargs
 from .processor import Processor, TextStream, push_rows
@@ -152,7 +153,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask: torch.Tensor | None = None,
              stop_ids: tuple[int, ...] = (), suppress_ids: tuple[int, ...] = (), cache: KVCache | None = None,
              seen: torch.Tensor | None = None, use_cache: bool = True, input_ids: torch.Tensor | None = None,
-             image_mask: torch.Tensor | None = None, signal: LayerState | None = None) -> Iterator[torch.Tensor]:
+             image_mask: torch.Tensor | None = None, signal: LayerState | None = None,
+             lookahead: int = 0) -> Iterator[torch.Tensor]:
     """Yield (B,) next-token ids until every row has hit a stop id or `max_new_tokens` are out.
 
     `embeds` (B, T, D) are the new positions, after whatever `cache` holds; rows are left-padded with
@@ -164,6 +166,8 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     `signal` covers the new positions for a reader (`VisionLanguageModel.signal`); generated tokens read as its last.
 
     Later steps of a plain Llama run `LlamaStep` on a cache written in place (`_slab_class`): the same tokens, faster.
+    With `lookahead` > 0, one unpadded row decoding greedily there checks that many guessed tokens a step
+    (`lookahead.py`; `seen`, the prompt's text ids, is where the guesses come from).
     """
     cache = cache if cache is not None else KVCache()
     (batch, new), device = embeds.shape[:2], embeds.device
@@ -210,6 +214,12 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         yield token
         if stop_ids and bool(done.all()):
             return
+        if not n and lookahead and step is not None and batch == 1 and not holes and not penalised \
+                and params.temperature < GREEDY_BELOW and params.max_new_tokens > 1:
+            yield from greedy_lookahead(step, table, cache, int(token[0]), int(mask[0].sum()), seen[0].tolist(),
+                                        params.max_new_tokens - 1, lookahead=lookahead, stop_ids=stop_ids,
+                                        banned=banned, record=record)
+            return
         if penalised:
             seen = torch.cat([seen, token[:, None]], dim=1)
         input_ids = token[:, None]
@@ -249,10 +259,11 @@ def nn_pad_left(x: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
 
 
 class Chat:
-    """Model + processor: a conversation in, the assistant's answer out, streamed as text."""
+    """Model + processor: a conversation in, the assistant's answer out, streamed as text. `lookahead` > 0: greedy
+    answers check that many guessed tokens a step (`lookahead.py`)."""
 
-    def __init__(self, model, processor: Processor):
-        self.model, self.processor = model, processor
+    def __init__(self, model, processor: Processor, *, lookahead: int = 0):
+        self.model, self.processor, self.lookahead = model, processor, lookahead
 
     @torch.inference_mode()
     def stream(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Iterator[str]:
@@ -263,7 +274,7 @@ class Chat:
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
         yield from deltas(generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids,
                                    suppress_ids=self.model.input_only_ids, seen=text_ids, image_mask=images,
-                                   signal=signal),
+                                   signal=signal, lookahead=self.lookahead),
                           stream, self.processor.stop_ids)
 
     def answer(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> str:

@@ -71,10 +71,13 @@ class LlamaStep:
                 return False
         return True
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, past) -> torch.Tensor:
-        """(B, T, D) new positions at (B, T) positions on top of `past` -> (B, V) logits of the last one. `mask`:
-        (B, 1, T, L) bool, or None where every position is real (what transformers' sdpa mask gives then)."""
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, past, *,
+                 every: bool = False) -> torch.Tensor:
+        """(B, T, D) new positions at (B, T) positions on top of `past` -> (B, V) logits of the last one, or with
+        `every` (B, T, V) of each. `mask`: (B, 1, T, L) bool, or None where every position is real and T is 1 (what
+        transformers' sdpa mask gives then)."""
         b, t, _ = x.shape
+        assert t == 1 or mask is not None, "several new positions need a mask: sdpa's own causal one is top-left"
         cos, sin = (e.unsqueeze(1) for e in self.lm.model.rotary_emb(x, positions))
         half, dim = cos.shape[-1] // 2, self.head_dim
         # rotate_half(q) * sin == roll(q) * (sin with its first half negated), exactly: one op instead of four.
@@ -86,7 +89,7 @@ class LlamaStep:
             k, v = layer.update(k, v)
             if w.attention.num_key_value_groups == 1:  # what transformers' sdpa wrapper calls then, minus its checks
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
-                                                     is_causal=t > 1 and mask is None).transpose(1, 2)
+                                                     is_causal=False).transpose(1, 2)
             else:
                 out, _ = self.attend(w.attention, q, k, v, mask, dropout=0.0, scaling=self.scaling)
             x = _linear(out.reshape(b * t, -1), *w.o, add=x, fuse=self.packed)
@@ -96,6 +99,8 @@ class LlamaStep:
             else:
                 gate, up = _linear(h, *w.gate_up[:2]), _linear(h, *w.gate_up[2:])
             x = _linear(w.act(gate) * up, *w.down, add=x, fuse=self.packed)
+        if every:
+            return _linear(_rms(x, *self.norm), *self.head).view(b, t, -1)
         return _linear(_rms(x.view(b, t, -1)[:, -1], *self.norm), *self.head)
 
 

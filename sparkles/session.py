@@ -44,8 +44,8 @@ class ChatSession:
     requests carry their whole history, resumes from the engine's prefix cache (prefix.py) instead.
     """
 
-    def __init__(self, model, processor: Processor, *, system: str | None = None):
-        self.model, self.processor = model, processor
+    def __init__(self, model, processor: Processor, *, system: str | None = None, lookahead: int = 0):
+        self.model, self.processor, self.lookahead = model, processor, lookahead  # lookahead: see `Chat`
         self._base = (Message.text_only("system", system),) if system is not None else ()
         self._registry: dict[str, torch.Tensor] = {}  # content hash -> (K, D) image embeddings
         # id(pixels) -> (weak reference to the pixels, hash), for images without a loader's hash: hashed once, and
@@ -182,7 +182,8 @@ class ChatSession:
             # Under MMCA the cache also keeps which positions are images (KVCache.image), cut back with it.
             tokens = generate(self.model.lm, embeds, budget, stop_ids=self.processor.stop_ids, cache=self.cache,
                               suppress_ids=self.model.input_only_ids, seen=seen, input_ids=prompt[:, reuse:],
-                              image_mask=self.model.image_positions(prompt[:, reuse:]), signal=signal)
+                              image_mask=self.model.image_positions(prompt[:, reuse:]), signal=signal,
+                              lookahead=self.lookahead)
             yield from deltas(tokens, stream, self.processor.stop_ids)
         except (GeneratorExit, KeyboardInterrupt):  # a stop button or Ctrl-C: keep what was said, as chat UIs do
             self._commit(turn, stream.text)  # safe mid-forward too: the commit cuts the cache to what it knows
