@@ -172,13 +172,21 @@ def main() -> None:
                         help="the cache-on variant's size (the cache-off one has 0)")
     parser.add_argument("--template", default="chat_template", choices=["chat_template", "sparkles"],
                         help="ChatML turns, or SparklesChat's ###Human: turns (see the docstring)")
+    parser.add_argument("--model", metavar="DIR", help="a trained checkpoint (say sparkles/assets/default) instead "
+                        "of the random model, with its own template; its answers are real text")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; on a shared machine use 1")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = bench_model(args.device, args.template)
+    if args.model:
+        from sparkles.model.checkpoint import load
+
+        model, processor = load(args.model, device=args.device)
+        args.template = f"{args.model}'s own"
+    else:
+        model, processor = bench_model(args.device, args.template)
     chat = Chat(model, processor)
     variants = {"on": args.prefix_cache_mb, "off": 0.0}
     with serve(chat, 0) as url:  # warm-up: the first forward passes of a process pay for lazy initialisation
