@@ -2,6 +2,7 @@
 HTTP and SSE, on a replayed 4-turn conversation and on 16 concurrent clients that share a system prompt and images.
 
     python bench/bench_prefix.py [--repeats 3] [--max-tokens 8] [--clients 16] [--threads 1] [--json PATH]
+                                 [--model sparkles/assets/default]
 
 1. **Conversation.** A system prompt and four user turns; turns 1-3 bring new images (2, 2, 1; 96 px PNGs as data:
    URLs), turn 4 none. It is replayed as a client replays it: request k carries the whole history, the earlier
