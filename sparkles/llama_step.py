@@ -6,7 +6,8 @@ from memory once per token, and the Python around the products costs as much as 
 each layer's tensors up once and runs only the torch operations of the forward. On a CPU it also keeps a copy of the
 linear weights transposed to (in, out), contiguous, with q/k/v and gate/up side by side: a one-row product streams
 such a matrix about 10 % faster than transformers' (out, in) one, and one product replaces three (or two). The copy
-is made once per model and made again only when a weight changes (a training step between evaluations).
+costs the memory of those weights once more; it is made once per model, and again only when a weight changes (a
+training step between evaluations).
 
 The sums of those products run in another order than transformers' own, so logits may differ from the forward's
 in the last bits of float32 (`tests/test_decode_fast.py` bounds it); greedy and seeded tokens are the forward's and
@@ -40,7 +41,9 @@ class _Layer(NamedTuple):
 
 
 class LlamaStep:
-    """One decoding step of a LlamaForCausalLM (sdpa attention) on a cache of slabs; see the module's note."""
+    """One decoding step of a LlamaForCausalLM (sdpa attention) on a cache whose layers take `update(k, v)`: the
+    slabs of `generate`, or the serve engine's DynamicCache. Several new positions at once (the guesses of
+    `lookahead.py`) need an explicit mask. See the module's note."""
 
     def __init__(self, lm):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
