@@ -99,3 +99,20 @@ def test_a_session_with_lookahead_answers_as_chat_does_turn_after_turn(tiny):
     ahead.undo()
     plain.undo()
     assert ahead.answer("Which was first?", [], params) == plain.answer("Which was first?", [], params)
+
+
+def test_the_web_ui_s_sessions_and_the_chat_command_take_it(tiny, monkeypatch):
+    import argparse
+
+    from sparkles import cli
+    from sparkles.conversation import Conversation
+    from sparkles.errors import ConfigError
+    from sparkles.serve.webui import _session
+
+    model, processor = tiny
+    assert _session(None, Chat(model, processor, lookahead=3), Conversation()).lookahead == 3
+    monkeypatch.setattr("sparkles.model.checkpoint.load", lambda *a, **k: (model, processor))
+    args = argparse.Namespace(model=None, dtype=None, device="cpu", system=None, lookahead=2)
+    assert cli.load_chat(args).lookahead == 2
+    with pytest.raises(ConfigError, match="--lookahead"):
+        cli.load_chat(argparse.Namespace(**{**vars(args), "lookahead": -1}))

@@ -290,7 +290,8 @@ def _session(session, chat, conversation: Conversation):
     """This browser's session, made on its first turn, brought to the page's dialogue (which undo may have cut)."""
     from ..session import ChatSession
 
-    session = session if session is not None else ChatSession(chat.model, chat.processor)
+    session = session if session is not None else ChatSession(chat.model, chat.processor,
+                                                              lookahead=getattr(chat, "lookahead", 0))
     if not session.follows(conversation):
         session.resume(conversation)
     return session
@@ -305,6 +306,8 @@ def add_cli(commands) -> None:
     web.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20, help="per image file")
     web.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     web.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    web.add_argument("--lookahead", type=int, default=0, metavar="K",
+                     help="greedy answers check K guessed tokens a decoding step (prompt lookup; see sparkles chat)")
     web.set_defaults(run=_run, system=None)
 
 
