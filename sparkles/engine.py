@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import SamplingParams, reader_switch
+from .config import SamplingParams
 from .errors import ContextLengthError, EngineClosedError, QueueFullError  # noqa: F401 (the server's)
 from .generate import Chat, cache_kwargs, sample
 from .llama_step import LlamaStep
@@ -52,6 +52,7 @@ class _Row:
     finish: str | None = None
     broken: str | None = None  # why this row cannot go on (a seed torch refused): it ends with an error
     reads: object = None  # a reader model's state of the last prompt position, which each new token reads too
+    features: torch.Tensor | None = None  # and its prompt's (N, K, D) image features, kept with its prefix
 
     @staticmethod
     def waiting(request: Request) -> _Row:
@@ -74,12 +75,7 @@ class Engine:
         fits = model.config.attention == "causal" and model.reader is None and LlamaStep.fits(model.lm)  # built once
         self._step = LlamaStep(model.lm) if fits else None  # (a served model stays as it is), as `generate` takes it
         self.counts = collections.Counter()
-        room = int(config.prefix_cache_mb * 2**20)
-        if model.reader is not None and room:  # its later positions read earlier images, which a prefix lacks
-            log.warning("the prefix cache is off for %s: a stored prefix does not keep the images its layers read",
-                     reader_switch(model.config))
-            room = 0
-        self.prefix = PrefixCache(room, processor.config.tokens_per_image)  # the engine thread's
+        self.prefix = PrefixCache(int(config.prefix_cache_mb * 2**20), processor.config.tokens_per_image)  # thread's
         self._thread = threading.Thread(target=self._run, name="sparkles-engine", daemon=True)
         self._thread.start()
 
@@ -199,32 +195,43 @@ class Engine:
         fresh = [(r, k) for r, k, (n, _) in zip(requests, keys, found) if not n]
         groups = [([(r, k)], n, hit) for r, k, (n, hit) in zip(requests, keys, found) if n]
         for group, start, hit in groups + ([(fresh, 0, None)] if fresh else []):
-            parts = [self._parts(r.encoded, start) for r, _ in group]  # [(1, T, D), (1, S), state or None]
+            parts = [self._parts(r.encoded, start, hit) for r, _ in group]  # [(1, T, D), (1, S), state, features]
             width = max(e.shape[1] for e, *_ in parts)
             embeds = torch.cat([_pad(e, width, dim=1) for e, *_ in parts])  # (B, T, D)
             mask = torch.cat([_pad(kinds_mask(self.chat.model, r.encoded.rendered.input_ids, e.device), start + width,
                                    dim=1) for (r, _), (e, *_) in zip(group, parts)])  # (B, start + T), 2 = image
-            states = [state for *_, state in parts]
+            states = [state for _, _, state, _ in parts]
             signal = None if states[0] is None else type(states[0]).left_padded(states, width)
             # A copy of the entry's first `start` positions: entries are never written.
             cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None)
             logits = self._forward(embeds, mask, cache, signal)
-            rows = [self._row(r, ids, k, state and state.tail(1)) for (r, k), (_, ids, state) in zip(group, parts)]
+            rows = [self._row(r, ids, k, state and state.tail(1), features)
+                    for (r, k), (_, ids, state, features) in zip(group, parts)]
             first = self._sample(rows, logits)  # the first tokens go out before the prompts' KV is copied to keep
             if all(_plain(layer) for layer in cache.layers):  # a sliding window forgets the start: nothing to keep
-                self.prefix.store_rows([(i, r.encoded.rendered.input_ids, k) for i, (r, k) in enumerate(group)],
-                                       cache.layers)
+                self.prefix.store_rows([(i, r.encoded.rendered.input_ids, k, row.features)
+                                        for i, ((r, k), row) in enumerate(zip(group, rows))], cache.layers)
             self._merge(rows, cache, mask, first)
         self._drop_finished()
 
-    def _parts(self, encoded: Encoded, start: int) -> tuple:
-        """Embeddings (1, T, D) past `start`, text ids (1, S), and a reader model's state of the prompt (or None)."""
-        if self.chat.model.reader is None:
-            return *self.chat.embed(encoded, start), None
-        embeds, text_ids, _, state = self.chat.parts(encoded)
-        return embeds, text_ids, state
+    def _parts(self, encoded: Encoded, start: int, hit) -> tuple:
+        """Embeddings (1, T, D) past `start`, text ids (1, S); for a reader model also the state of those positions
+        and the prompt's (N, K, D) image features, the ones before `start` taken from the prefix `hit`."""
+        model = self.chat.model
+        if model.reader is None:
+            return *self.chat.embed(encoded, start), None, None
+        if not start:
+            embeds, text_ids, _, state = self.chat.parts(encoded)
+            return embeds, text_ids, state, self.chat.images(encoded)
+        held = sum(s < start for s in encoded.rendered.image_starts)  # whole images the prefix holds, as `_common` saw
+        later = model.encode_images(encoded.pixel_values[held:]) if len(encoded.rendered.image_starts) > held else None
+        features = hit.features[:held] if later is None else torch.cat([hit.features[:held], later])
+        features = features if len(features) else None  # a text-only prompt, as `Chat.images` gives it
+        ids = torch.tensor([encoded.rendered.input_ids], device=model.device)
+        state = model.signal(ids, features).tail(ids.shape[1] - start)
+        return model.embed(ids, features)[:, start:], model.text_ids(ids), state, features
 
-    def _row(self, request: Request, text_ids: torch.Tensor, keys: list, reads=None) -> _Row:
+    def _row(self, request: Request, text_ids: torch.Tensor, keys: list, reads=None, features=None) -> _Row:
         params, seed, broken = request.params, request.params.seed, None
         try:  # a per-request generator: the same seed gives the same answer in any batch
             generator = None if seed is None else torch.Generator(text_ids.device).manual_seed(seed)
@@ -232,7 +239,8 @@ class Engine:
             generator = None
             broken = f"seed {params.seed} refused: {e}"
         stream = TextStream(self.processor.tokenizer, self.processor.stop_strings + params.stop)
-        return _Row(request, stream, text_ids, generator, params.max_new_tokens, keys, broken=broken, reads=reads)
+        return _Row(request, stream, text_ids, generator, params.max_new_tokens, keys, broken=broken, reads=reads,
+                    features=features)
 
     def _decode(self) -> None:
         """One step for every row: feed each row's last token, sample its next one."""
@@ -337,8 +345,8 @@ class Engine:
             return
         if self._joinable:  # an answered prompt is the start of its conversation's next request: keep it whole
             self.prefix.store_rows([(i, r.request.encoded.rendered.input_ids + r.seen[0, -r.produced:-1].tolist(),
-                                     r.keys) for i, r in enumerate(self._rows) if r.finish in ("stop", "length")
-                                    and r.produced > 1], self._cache.layers)
+                                     r.keys, r.features) for i, r in enumerate(self._rows)
+                                    if r.finish in ("stop", "length") and r.produced > 1], self._cache.layers)
         if not keep:
             return self._reset()
         index = torch.tensor(keep, device=self._mask.device)

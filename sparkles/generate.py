@@ -314,7 +314,7 @@ class Chat:
     def parts(self, encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, LayerState]:
         """`_prompt`'s four parts of an encoded prompt: what the serve engine prefills for a model with a reader."""
         ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
-        images = self._encode_images(encoded)
+        images = self.images(encoded)
         return (self.model.embed(ids, images), self.model.text_ids(ids), self.model.image_positions(ids),
                 self.model.signal(ids, images))
 
@@ -324,7 +324,7 @@ class Chat:
         ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
         text = self.model.text_ids(ids)
         if not start:
-            return self.model.embed(ids, self._encode_images(encoded)), text
+            return self.model.embed(ids, self.images(encoded)), text
         later = [i for i, s in enumerate(encoded.rendered.image_starts) if s >= start]
         images = self.model.encode_images(encoded.pixel_values[later]) if later else None  # (N', K, D)
         return self.model.embed(ids[:, start:], images), text
@@ -333,8 +333,9 @@ class Chat:
         """The conversation with the model's answer appended as an assistant message."""
         return conversation.append(Message("assistant", (Text(self.answer(conversation, params)),)))
 
-    def _encode_images(self, encoded) -> torch.Tensor | None:
-        """Encode each distinct image once, even when several slots show it."""
+    def images(self, encoded) -> torch.Tensor | None:
+        """(N, K, D) features of an encoded prompt's images, in slot order: each distinct image is encoded once,
+        even when several slots show it."""
         if encoded.pixel_values is None:
             return None
         first: dict[str, int] = {}

@@ -21,15 +21,19 @@ from .model.attention import lm_kwargs
 
 @dataclass(frozen=True)
 class Prefix:
-    """What a prompt's cache holds: its ids, its images as (start, content hash), and (1, H, L, d) keys and values."""
+    """What a prompt's cache holds: its ids, its images as (start, content hash), and (1, H, L, d) keys and values;
+    for a model whose layers read the images (adapters, cross-attention), also the images' (N, K, D) features, which
+    the positions after the prefix read."""
 
     ids: torch.Tensor  # (L,) long, on the CPU
     images: tuple[tuple[int, str], ...]
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    features: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers) + self.ids.nbytes
+        extra = 0 if self.features is None else self.features.nbytes
+        return sum(k.nbytes + v.nbytes for k, v in self.layers) + self.ids.nbytes + extra
 
 
 class PrefixCache:
@@ -67,14 +71,14 @@ class PrefixCache:
         self.counts.update(hits=1, tokens_reused=best)
         return best, self._entries[found]
 
-    def store(self, ids: list[int], images: list[tuple[int, str]], layers) -> None:
+    def store(self, ids: list[int], images: list[tuple[int, str]], layers, features=None) -> None:
         """Keep a prompt's cache: `layers` are (1, H, L, d) keys and values. A tensor that is all of its storage (a
         prompt prefilled alone) is kept as it is, since nothing writes into it; a row of a batch is copied, so that
         the batch's memory is freed with the batch."""
         if self.capacity <= 0:
             return
         entry = Prefix(torch.tensor(ids, dtype=torch.long), tuple(images),
-                       tuple((_own(k), _own(v)) for k, v in layers))
+                       tuple((_own(k), _own(v)) for k, v in layers), None if features is None else features.detach())
         if entry.nbytes > self.capacity:
             return
         # An entry this one extends is of no more use: every lookup it would win, this one wins too.
@@ -89,11 +93,12 @@ class PrefixCache:
             total -= gone.nbytes
             self.counts["evicted"] += 1
 
-    def store_rows(self, rows: list[tuple[int, list[int], list[tuple[int, str]]]], layers) -> None:
-        """Keep rows (index, ids, images) of a left-padded batch's cache layers: a row's ids are its last positions."""
-        for i, ids, images in rows if self.capacity > 0 else ():
+    def store_rows(self, rows: list[tuple], layers) -> None:
+        """Keep rows (index, ids, images, features or None) of a left-padded batch's cache layers: a row's ids are its
+        last positions."""
+        for i, ids, images, features in rows if self.capacity > 0 else ():
             n = len(ids)
-            self.store(ids, images, [(x.keys[i:i + 1, :, -n:], x.values[i:i + 1, :, -n:]) for x in layers])
+            self.store(ids, images, [(x.keys[i:i + 1, :, -n:], x.values[i:i + 1, :, -n:]) for x in layers], features)
 
     def _common(self, entry: Prefix, query: torch.Tensor, images: list[tuple[int, str]]) -> int:
         """Leading positions shared with `entry`, cut before the first image that differs or is cut in two."""

@@ -78,9 +78,8 @@ def test_batches_and_the_serve_engine_answer_as_each_row_alone(name):
     alone = [chat.answer(c, GREEDY) for c in conversations]
     assert chat.answer_batch(conversations, GREEDY) == alone
     assert BatchSession(chat).answer_batch(conversations, GREEDY) == alone
-    engine = Engine(model, processor, EngineConfig(max_batch=4, prefix_cache_mb=64))
+    engine = Engine(model, processor, EngineConfig(max_batch=4))
     try:
-        assert engine.stats()["prefix_cache"]["capacity_bytes"] == 0  # stored prefixes would lose the images
         together = [engine.submit(engine.encode(c), GREEDY) for c in conversations]  # prefilled as one group
         answers = ["".join(e.text for e in r).strip() for r in together]
         first = engine.submit(engine.encode(conversations[0]), SamplingParams(max_new_tokens=24))
@@ -92,6 +91,30 @@ def test_batches_and_the_serve_engine_answer_as_each_row_alone(name):
     finally:
         engine.close()
     assert answers == alone and joined_answers == alone[1:]
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_the_engine_s_prefix_cache_resumes_a_replayed_conversation_with_its_images(name):
+    """Each request carries the whole history, as an OpenAI client sends it: later turns resume from the stored
+    prefix, whose images' features come with it (their positions are read by the later ones), and every answer is
+    the one `Chat` gives the whole conversation."""
+    model, processor = build(name)
+    chat = Chat(model, processor)
+    engine = Engine(model, processor, EngineConfig(prefix_cache_mb=64))
+    conversation, answers = Conversation(), []
+    try:
+        for text, colors in [("Compare IMAGE#1 with IMAGE#2.", ["red", "blue"]), ("And IMAGE#3?", ["green"]),
+                             ("Which was first?", []), ("And IMAGE#4 with IMAGE#1?", ["yellow"])]:
+            conversation = conversation.append(user_message(text, [solid(c) for c in colors],
+                                                            known=conversation.labels))
+            answer = "".join(engine.stream(conversation, GREEDY)).strip()
+            answers.append((answer, chat.answer(conversation, GREEDY)))
+            conversation = conversation.append(Message("assistant", (Text(answer),)))
+        stats = engine.stats()["prefix_cache"]
+    finally:
+        engine.close()
+    assert all(a == b for a, b in answers), answers
+    assert stats["hits"] == 3 and stats["tokens_reused"] > 0
 
 
 @pytest.mark.parametrize("switch", ["llama-adapter", "cross-attention"])

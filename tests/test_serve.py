@@ -352,9 +352,9 @@ def test_the_prefix_cache_keeps_a_lone_prompt_without_a_copy_and_copies_a_batch_
 
     cache = PrefixCache(capacity=1 << 20, tokens_per_image=2)
     alone = (torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
-    cache.store_rows([(0, list(range(6)), [])], [type("Layer", (), {"keys": alone[0], "values": alone[1]})])
+    cache.store_rows([(0, list(range(6)), [], None)], [type("Layer", (), {"keys": alone[0], "values": alone[1]})])
     batch = (torch.randn(3, 2, 8, 4), torch.randn(3, 2, 8, 4))
-    cache.store_rows([(1, list(range(10, 15)), [])], [type("Layer", (), {"keys": batch[0], "values": batch[1]})])
+    cache.store_rows([(1, list(range(10, 15)), [], None)], [type("Layer", (), {"keys": batch[0], "values": batch[1]})])
     (kept,), (row,) = (e.layers for e in cache._entries.values())
     assert kept[0].data_ptr() == alone[0].data_ptr() and kept[1].data_ptr() == alone[1].data_ptr()
     assert row[0].untyped_storage().nbytes() == row[0].nbytes == 2 * 5 * 4 * 4
