@@ -116,3 +116,18 @@ def test_the_web_ui_s_sessions_and_the_chat_command_take_it(tiny, monkeypatch):
     assert cli.load_chat(args).lookahead == 2
     with pytest.raises(ConfigError, match="--lookahead"):
         cli.load_chat(argparse.Namespace(**{**vars(args), "lookahead": -1}))
+
+
+def test_a_stop_string_inside_a_checked_chunk_leaves_the_session_as_plain_decoding_does(tiny):
+    """A chunk of kept guesses may run past a stop string: the session keeps only what its answer renders to, so
+    the next turn sees the same cache either way."""
+    model, processor = tiny
+    question = ("Compare IMAGE#1 with IMAGE#2.", [solid("red"), solid("blue")])
+    free = ChatSession(model, processor).answer(*question, SamplingParams(max_new_tokens=24))
+    stop = next(free[i:i + 2] for i in range(len(free) // 2, len(free) - 1) if free[i:i + 2].strip())
+    params = SamplingParams(max_new_tokens=24, stop=(stop,))
+    plain, ahead = ChatSession(model, processor), ChatSession(model, processor, lookahead=6)
+    first = plain.answer(*question, params)
+    assert ahead.answer(*question, params) == first and len(first) < len(free)
+    assert ahead.cache.token_ids == plain.cache.token_ids and ahead.cache.length == plain.cache.length
+    assert ahead.answer("And then?", [], params) == plain.answer("And then?", [], params)
