@@ -215,7 +215,8 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         if stop_ids and bool(done.all()):
             return
         if not n and lookahead and step is not None and batch == 1 and not holes and not penalised \
-                and params.temperature < GREEDY_BELOW and params.max_new_tokens > 1:
+                and params.temperature < GREEDY_BELOW and params.max_new_tokens > 1 \
+                and all(type(layer) is _slab_class() for layer in cache.past.layers):
             yield from greedy_lookahead(step, table, cache, int(token[0]), int(mask[0].sum()), seen[0].tolist(),
                                         params.max_new_tokens - 1, lookahead=lookahead, stop_ids=stop_ids,
                                         banned=banned, record=record)

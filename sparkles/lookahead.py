@@ -52,12 +52,12 @@ def greedy_lookahead(step, table, cache, token: int, position: int, context: lis
                      record: bool) -> Iterator[torch.Tensor]:
     """Yield (1,) greedy tokens after `token` (already yielded, not yet in `cache`, at `position`), at most
     `budget` of them, stopping after a stop id. `context`: the ids the guesses are looked up in (the prompt's
-    text). `cache` is a `generate.KVCache` of slabs, whose rejected positions are cut by slicing."""
+    text). `cache` is a `generate.KVCache` of slabs (`generate._slab_class`), cut back by re-slicing their buffers."""
     guesser = Guesser(context + [token])
-    device = banned.device
+    device, token_fed = banned.device, token
     while budget > 0:
         guess = guesser.guess(min(lookahead, budget - 1))
-        ids = torch.tensor([[token, *guess]], device=device)
+        ids = torch.tensor([[token_fed, *guess]], device=device)
         t, held = ids.shape[1], cache.length
         # Each new position sees the cache and the new positions up to itself.
         mask = None if t == 1 else torch.ones(t, held + t, dtype=torch.bool, device=device).tril(held)[None, None]
@@ -70,15 +70,22 @@ def greedy_lookahead(step, table, cache, token: int, position: int, context: lis
         kept = 0
         while kept < len(guess) and best[kept] == guess[kept]:
             kept += 1
-        fed = [token, *guess[:kept]]  # what the cache now holds; the rejected guesses' positions are cut
-        cache.length = held + len(fed)
-        for layer in cache.past.layers:
-            layer.keys, layer.values = layer.keys[..., :cache.length, :], layer.values[..., :cache.length, :]
-        cache.token_ids += fed if record else []
         guesser.extend(best[:kept + 1])
-        for out in best[:kept + 1]:
-            yield torch.tensor([out], device=device)
+        fed, base = [token_fed, *best[:kept]], list(cache.token_ids)
+        for out, token in enumerate(best[:kept + 1], start=1):
+            # At each token out the cache holds every token before it and no more, as plain decoding leaves it:
+            # a reader that stops here (a stop string, a closed stream) finds it so, without the guesses after.
+            _hold(cache, held + out, base + fed[:out] if record else base)
+            yield torch.tensor([token], device=device)
             budget -= 1
-            if out in stop_ids or budget == 0:
+            if token in stop_ids or budget == 0:
                 return
-        token, position = best[kept], position + len(fed)
+        token_fed, position = best[kept], position + kept + 1
+
+
+def _hold(cache, length: int, token_ids: list[int]) -> None:
+    """The cache as holding its first `length` positions: its slabs' views re-cut from their buffers, which keep
+    what the step wrote past them."""
+    cache.length, cache.token_ids = length, token_ids
+    for layer in cache.past.layers:
+        layer.keys, layer.values = (buffer[..., :length, :] for buffer in layer._buffer)

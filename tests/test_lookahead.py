@@ -60,6 +60,28 @@ def test_greedy_tokens_and_the_cache_equal_plain_decoding(k):
                 assert length == len(held) == 30 + len(tokens) - 1  # the last token out is never fed
 
 
+def test_a_reader_that_stops_early_leaves_the_cache_as_plain_decoding_does():
+    """The step writes a whole chunk of kept guesses; a reader that stops in the middle of it (a stop string, a
+    closed stream) still finds the cache holding every token before the last one it got, and no more."""
+    lm = llama()
+    prompt = ids(1, 30)
+    with torch.inference_mode():
+        for taken in (1, 5, 17, 23):
+            caches = []
+            for lookahead in (0, 6):
+                cache, tokens = KVCache(), []
+                stream = generate(lm, lm.get_input_embeddings()(prompt), SamplingParams(max_new_tokens=60),
+                                  seen=prompt, cache=cache, input_ids=prompt, lookahead=lookahead)
+                for token in stream:
+                    tokens.append(int(token))
+                    if len(tokens) == taken:
+                        break
+                stream.close()
+                caches.append((tokens, cache.length, list(cache.token_ids), cache.past.get_seq_length()))
+            assert caches[0] == caches[1]
+            assert caches[1][1] == 30 + taken - 1 == len(caches[1][2]) == caches[1][3]
+
+
 def test_guesses_that_come_true_save_steps(monkeypatch):
     """A random LM's greedy text repeats itself, which is what the guesses feed on: fewer passes, same tokens."""
     lm = llama()
