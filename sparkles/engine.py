@@ -72,8 +72,9 @@ class Engine:
         self._rows: list[_Row] = []
         self._cache, self._mask, self._last = None, None, None  # the batch: KV cache, (B, L) mask, (B,) next input
         self._joinable = True  # False once a cache turns out not to be left-paddable (sliding windows)
-        fits = model.config.attention == "causal" and model.reader is None and LlamaStep.fits(model.lm)  # built once
-        self._step = LlamaStep(model.lm) if fits else None  # (a served model stays as it is), as `generate` takes it
+        # `generate`'s lean decoding step, built once: a served model's weights do not change.
+        fits = model.config.attention == "causal" and model.reader is None and LlamaStep.fits(model.lm)
+        self._step = LlamaStep(model.lm) if fits else None
         self.counts = collections.Counter()
         self.prefix = PrefixCache(int(config.prefix_cache_mb * 2**20), processor.config.tokens_per_image)  # thread's
         self._thread = threading.Thread(target=self._run, name="sparkles-engine", daemon=True)
@@ -221,12 +222,13 @@ class Engine:
         if model.reader is None:
             return *self.chat.embed(encoded, start), None, None
         if not start:
-            embeds, text_ids, _, state = self.chat.parts(encoded)
-            return embeds, text_ids, state, self.chat.images(encoded)
-        held = sum(s < start for s in encoded.rendered.image_starts)  # whole images the prefix holds, as `_common` saw
-        later = model.encode_images(encoded.pixel_values[held:]) if len(encoded.rendered.image_starts) > held else None
-        features = hit.features[:held] if later is None else torch.cat([hit.features[:held], later])
-        features = features if len(features) else None  # a text-only prompt, as `Chat.images` gives it
+            features = self.chat.images(encoded)
+        else:
+            held = sum(s < start for s in encoded.rendered.image_starts)  # whole images the prefix holds (`_common`)
+            later = (model.encode_images(encoded.pixel_values[held:]) if len(encoded.rendered.image_starts) > held
+                     else None)
+            features = hit.features[:held] if later is None else torch.cat([hit.features[:held], later])
+            features = features if len(features) else None  # a text-only prompt, as `Chat.images` gives it
         ids = torch.tensor([encoded.rendered.input_ids], device=model.device)
         state = model.signal(ids, features).tail(ids.shape[1] - start)
         return model.embed(ids, features)[:, start:], model.text_ids(ids), state, features

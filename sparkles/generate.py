@@ -310,10 +310,6 @@ class Chat:
         encoded = self.processor.encode(conversation, generation=True)
         if len(encoded.rendered) >= self.processor.config.max_seq_len:
             raise ContextLengthError(f"no room left to answer: the prompt fills all {len(encoded.rendered)} positions")
-        return self.parts(encoded)
-
-    def parts(self, encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, LayerState]:
-        """`_prompt`'s four parts of an encoded prompt: what the serve engine prefills for a model with a reader."""
         ids = torch.tensor([encoded.rendered.input_ids], device=self.model.device)
         images = self.images(encoded)
         return (self.model.embed(ids, images), self.model.text_ids(ids), self.model.image_positions(ids),

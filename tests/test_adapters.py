@@ -8,10 +8,9 @@ import torch
 from conftest import logits, solid, steps_on_one_answer, tiny_config, two_images
 
 from sparkles.config import AdapterConfig, LoraConfig, SamplingParams, TileConfig
-from sparkles.conversation import Conversation, Message, user_message
+from sparkles.conversation import Conversation, user_message
 from sparkles.errors import CheckpointError, ConfigError
 from sparkles.generate import generate
-from sparkles.model.adapters import adapter_kwargs
 from sparkles.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from sparkles.model.model import build_model
 
@@ -80,24 +79,7 @@ def test_each_position_reads_the_most_recent_image_and_packed_samples_do_not_sha
         assert torch.equal(packed[4], torch.zeros_like(packed[4])) and torch.equal(packed[5], pooled[1])
 
 
-# (b) Zero gates are the base LM, exactly
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_zero_gates_give_the_base_lm_logits_exactly(kind):
-    model, processor = build(kind)
-    base, base_processor = build("none")
-    base.lm.load_state_dict(model.lm.state_dict())
-    text_only = Conversation((Message.text_only("user", "What is a square?"),))
-    assert torch.equal(logits(model, processor, text_only), logits(base, base_processor, text_only))
-    # With images too: the adapted LM on the marker embeddings computes what the bare LM computes on them.
-    encoded = processor.encode(two_images(), generation=True)
-    ids = torch.tensor([encoded.rendered.input_ids])
-    with torch.no_grad():
-        images = model.encode_images(encoded.pixel_values)
-        embeds = model.embed(ids, images)
-        adapted = model.lm(inputs_embeds=embeds, **adapter_kwargs(model.signal(ids, images))).logits
-        assert torch.equal(adapted, base.lm(inputs_embeds=embeds).logits)
+# (b) Zero gates are the base LM, exactly: tests/test_layer_readers.py, for every reader.
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -8,10 +8,8 @@ import torch
 from conftest import logits, steps_on_one_answer, tiny_config, two_images
 
 from sparkles.config import AdapterConfig, CrossAttentionConfig, LoraConfig, SamplingParams, TileConfig
-from sparkles.conversation import Conversation, Message
 from sparkles.errors import CheckpointError, ConfigError
 from sparkles.model.checkpoint import load_checkpoint, read_config, save_checkpoint
-from sparkles.model.layer_state import state_kwargs
 from sparkles.model.model import build_model
 
 SEES = ["previous", "all"]
@@ -96,24 +94,7 @@ def test_a_position_reads_exactly_the_images_it_sees_and_nothing_before_the_firs
     assert moved == [False, True, True, True, sees == "all", sees == "all"]
 
 
-# (b) Zero gates are the base LM, exactly
-
-
-@pytest.mark.parametrize("sees", SEES)
-def test_zero_gates_give_the_base_lm_logits_exactly(sees):
-    model, processor = build(sees)
-    torch.manual_seed(0)
-    base, base_processor = build_model(tiny_config())
-    base.lm.load_state_dict(model.lm.state_dict())
-    text_only = Conversation((Message.text_only("user", "What is a square?"),))
-    assert torch.equal(logits(model, processor, text_only), logits(base.eval(), base_processor, text_only))
-    encoded = processor.encode(two_images(), generation=True)
-    ids = torch.tensor([encoded.rendered.input_ids])
-    with torch.no_grad():
-        images = model.encode_images(encoded.pixel_values)
-        embeds = model.embed(ids, images)
-        crossed = model.lm(inputs_embeds=embeds, **state_kwargs(model.signal(ids, images))).logits
-        assert torch.equal(crossed, base.lm(inputs_embeds=embeds).logits)
+# (b) Zero gates are the base LM, exactly: tests/test_layer_readers.py, for every reader.
 
 
 def test_open_gates_change_the_logits_after_the_first_image_only():

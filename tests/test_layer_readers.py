@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import solid, tiny_config, two_images
+from conftest import logits, solid, tiny_config, two_images
 from PIL import Image as PILImage
 from test_adapters import build as build_adapted
 from test_cross_attention import build as build_crossed
@@ -20,6 +20,8 @@ from sparkles.engine import Engine, EngineConfig
 from sparkles.generate import Chat, generate
 from sparkles.llama_step import LlamaStep
 from sparkles.model.checkpoint import load_checkpoint
+from sparkles.model.layer_state import state_kwargs
+from sparkles.model.model import build_model
 from sparkles.session import ChatSession
 from sparkles.train.loop import train
 
@@ -35,6 +37,25 @@ def build(name):
     """The reader with its gates opened, as a trained model's are: at zero they add nothing and prove little."""
     builder, value, _ = READERS[name]
     return builder(value, gates=0.5)
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_zero_gates_give_the_base_lm_logits_exactly(name):
+    builder, value, _ = READERS[name]
+    model, processor = builder(value)  # the gates as a new model has them: zero
+    torch.manual_seed(0)
+    base, base_processor = build_model(tiny_config())
+    base.lm.load_state_dict(model.lm.state_dict())
+    text_only = Conversation((Message.text_only("user", "What is a square?"),))
+    assert torch.equal(logits(model, processor, text_only), logits(base.eval(), base_processor, text_only))
+    # With images too: the LM with the reader, on the marker embeddings, computes what the bare LM computes on them.
+    encoded = processor.encode(two_images(), generation=True)
+    ids = torch.tensor([encoded.rendered.input_ids])
+    with torch.no_grad():
+        images = model.encode_images(encoded.pixel_values)
+        embeds = model.embed(ids, images)
+        read = model.lm(inputs_embeds=embeds, **state_kwargs(model.signal(ids, images))).logits
+        assert torch.equal(read, base.lm(inputs_embeds=embeds).logits)
 
 
 @pytest.mark.parametrize("name", READERS)

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 from PIL import Image as PILImage
-from test_server_limits import run
+from test_server_limits import _until, run
 
 import sparkles.image as image_module
 import sparkles.serve.server as server
@@ -56,15 +56,6 @@ def drip(first: bytes, rest: bytes, go: asyncio.Event, sent: asyncio.Event):
         yield rest
 
     return chunks()
-
-
-async def _until(condition, client):
-    for _ in range(2000):
-        health = (await client.get("/health")).json()
-        if condition(health):
-            return health
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never reached: {health}")
 
 
 # The budget itself
