@@ -25,9 +25,13 @@ from .prefix import pad_left as _pad
 from .prefix import plain_layer as _plain
 from .processor import Encoded, TextStream
 from .request import Event, Request
+from .slab import holding
 
 log = logging.getLogger(__name__)
 ROW_FAILED = "generation failed for this request"  # one row's error: the others in its batch go on
+# Positions a batch's cache makes room for past its longest row, at most: decoding writes them in place (slab.py);
+# a longer answer grows the buffer by half as it goes, and a short one leaves less memory unused.
+ROOM_AHEAD = 128
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,7 @@ class Engine:
 
     def _prefill(self, requests: list[Request]) -> None:
         """Prefill new prompts (one by one on a prefix the cache holds, the rest as one batch), then merge them in."""
-        from transformers import DynamicCache
-
+        lm = self.chat.model.lm
         keys = [image_keys(r.encoded) if self.prefix.capacity else [] for r in requests]
         found = [self.prefix.lookup(r.encoded.rendered.input_ids, k) for r, k in zip(requests, keys)]
         fresh = [(r, k) for r, k, (n, _) in zip(requests, keys, found) if not n]
@@ -203,8 +206,9 @@ class Engine:
                                    dim=1) for (r, _), (e, *_) in zip(group, parts)])  # (B, start + T), 2 = image
             states = [state for _, _, state, _ in parts]
             signal = None if states[0] is None else type(states[0]).left_padded(states, width)
-            # A copy of the entry's first `start` positions: entries are never written.
-            cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None)
+            # Slabs holding the entry's first `start` positions, copied at the first write: entries are never written.
+            room = start + width + min(max(r.params.max_new_tokens for r, _ in group), ROOM_AHEAD)
+            cache = holding(lm, [(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None, room)
             logits = self._forward(embeds, mask, cache, signal)
             rows = [self._row(r, ids, k, state and state.tail(1), features)
                     for (r, k), (_, ids, state, features) in zip(group, parts)]
@@ -330,12 +334,11 @@ class Engine:
         """Add prefilled rows to the batch: both caches are left-padded to the longer one and stacked."""
         self._joinable = self._joinable and all(_plain(layer) for layer in cache.layers)
         if self._rows:
-            from transformers import DynamicCache
-
             width = max(self._mask.shape[1], mask.shape[1])
-            cache = DynamicCache([(torch.cat([_pad(a.keys, width), _pad(b.keys, width)]),
-                                   torch.cat([_pad(a.values, width), _pad(b.values, width)]))
-                                  for a, b in zip(self._cache.layers, cache.layers)])
+            room = width + min(max(r.budget - r.produced for r in self._rows + rows), ROOM_AHEAD)
+            cache = holding(self.chat.model.lm, [(torch.cat([_pad(a.keys, width), _pad(b.keys, width)]),
+                                                  torch.cat([_pad(a.values, width), _pad(b.values, width)]))
+                                                 for a, b in zip(self._cache.layers, cache.layers)], room)
             mask = torch.cat([_pad(self._mask, width, dim=1), _pad(mask, width, dim=1)])
             rows, tokens = self._rows + rows, torch.cat([self._last, tokens])
         self._rows, self._cache, self._mask, self._last = rows, cache, mask, tokens

@@ -21,6 +21,7 @@ from .lookahead import greedy_lookahead
 from .model.attention import lm_kwargs
 from .model.layer_state import LayerState, state_kwargs
 from .processor import Processor, TextStream, push_rows
+from .slab import slab_class, slabs
 
 
 @dataclass
@@ -43,7 +44,7 @@ class KVCache:
         """Whether positions can be cut from the end: not with sliding-window layers, which forget the start."""
         from transformers.cache_utils import DynamicLayer
 
-        return self.past is None or all(type(layer) in (DynamicLayer, _slab_class()) for layer in self.past.layers)
+        return self.past is None or all(type(layer) in (DynamicLayer, slab_class()) for layer in self.past.layers)
 
     def crop(self, length: int) -> None:
         """Forget every position from `length` on: undo a turn, or keep only a shared prefix."""
@@ -74,50 +75,6 @@ def cache_kwargs(lm, past) -> dict:
 @functools.cache
 def _cache_arg(kind: type) -> str:
     return "cache" if "cache" in inspect.signature(kind.forward).parameters else "past_key_values"
-
-
-@functools.cache
-def _slab_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class Slab(DynamicLayer):
-        """A DynamicLayer whose keys and values are views of a roomier buffer: a step writes its position in place,
-        not a `torch.cat` of the whole cache, and attention sees exactly the positions held (DynamicLayer's sums).
-        Cropping by slicing `keys` works; replaced tensors (a batch selection) are copied in at the next update."""
-
-        reserve = 0  # positions to make room for at the next allocation
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            keys, buffer = getattr(self, "keys", None), getattr(self, "_buffer", None)
-            held = 0 if keys is None or keys.numel() == 0 else keys.shape[-2]
-            end = held + key_states.shape[-2]
-            if (buffer is None or end > buffer[0].shape[-2] or buffer[0].shape[:2] != key_states.shape[:2] or held
-                    and (keys.data_ptr() != buffer[0].data_ptr() or keys.stride() != buffer[0].stride())):
-                shape = (*key_states.shape[:2], max(end, self.reserve, held + held // 2))
-                buffer = tuple(x.new_empty(*shape, x.shape[-1]) for x in (key_states, value_states))
-                if held:
-                    buffer[0][..., :held, :], buffer[1][..., :held, :] = keys, self.values
-                self._buffer = buffer
-            buffer[0][..., held:end, :], buffer[1][..., held:end, :] = key_states, value_states
-            self.keys, self.values = buffer[0][..., :end, :], buffer[1][..., :end, :]
-            self.is_initialized, self.device, self.dtype = True, key_states.device, key_states.dtype
-            return self.keys, self.values
-
-    return Slab
-
-
-def _slabs(lm, past, reserve: int):
-    """`past`, or a new cache of slabs (`_slab_class`); each slab gets room for `reserve` positions."""
-    from transformers import DynamicCache
-
-    slab = _slab_class()
-    if past is None:
-        past = DynamicCache()
-        past.layer_class_to_replicate = slab  # else transformers' DynamicLayer: a torch.cat of the whole cache a step
-        past.layers = [slab() for _ in range(getattr(lm.config.get_text_config(), "num_hidden_layers", 0))]
-    for layer in (x for x in past.layers if type(x) is slab):
-        layer.reserve = reserve
-    return past
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
@@ -165,7 +122,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
     the image tokens among the new positions, for MMCA (`VisionLanguageModel.image_positions`); None for causal.
     `signal` covers the new positions for a reader (`VisionLanguageModel.signal`); generated tokens read as its last.
 
-    Later steps of a plain Llama run `LlamaStep` on a cache written in place (`_slab_class`): the same tokens, faster.
+    Later steps of a plain Llama run `LlamaStep` on a cache written in place (`slab.py`): the same tokens, faster.
     With `lookahead` > 0, one unpadded row decoding greedily there checks that many guessed tokens a step
     (`lookahead.py`; `seen`, the prompt's text ids, is where the guesses come from).
     """
@@ -182,7 +139,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         held = cache.image if cache.image is not None else image_mask.new_zeros(batch, 0)
         images = torch.cat([held.to(device), image_mask.to(device, torch.bool)], dim=1)
     if use_cache:  # room for the answer ahead, up to 1024 positions (past that a slab grows by half as it goes)
-        cache.past = _slabs(lm, cache.past, cache.length + new + min(params.max_new_tokens, 1024))
+        cache.past = slabs(lm, cache.past, cache.length + new + min(params.max_new_tokens, 1024))
     step = LlamaStep(lm) if use_cache and images is None and signal is None and LlamaStep.fits(lm) else None
     record = input_ids is not None and batch == 1  # token ids are kept for one-row caches only
     generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
@@ -216,7 +173,7 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
             return
         if not n and lookahead and step is not None and batch == 1 and not holes and not penalised \
                 and params.temperature < GREEDY_BELOW and params.max_new_tokens > 1 \
-                and all(type(layer) is _slab_class() for layer in cache.past.layers):
+                and all(type(layer) is slab_class() for layer in cache.past.layers):
             yield from greedy_lookahead(step, table, cache, int(token[0]), int(mask[0].sum()), seen[0].tolist(),
                                         params.max_new_tokens - 1, lookahead=lookahead, stop_ids=stop_ids,
                                         banned=banned, record=record)

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .slab import slab_class
+
 # A CPU model whose linear weights take more than this keeps using them as they are: the copy would cost as much
 # memory again, and for such sizes the products, not the Python around them, are the step's time.
 PACK_LIMIT_BYTES = 1 << 30
@@ -51,8 +53,9 @@ class LlamaStep:
         self.lm, self.attend = lm, ALL_ATTENTION_FUNCTIONS["sdpa"]
         first = lm.model.layers[0].self_attn
         self.head_dim, self.scaling = first.head_dim, first.scaling
-        self.layers, self.head, self.packed = _weights(lm)
-        self.norm = (lm.model.norm.weight, lm.model.norm.variance_epsilon)
+        self.heads, self.kv = lm.config.num_attention_heads, lm.config.num_key_value_heads
+        self.layers, self.head, self.norm, self.packed = _weights(lm)
+        self._table = (None, None)  # (what it was made from, (cos, sin) of positions 0...)
 
     @staticmethod
     def fits(lm) -> bool:
@@ -81,47 +84,78 @@ class LlamaStep:
         transformers' sdpa mask gives then)."""
         b, t, _ = x.shape
         assert t == 1 or mask is not None, "several new positions need a mask: sdpa's own causal one is top-left"
-        cos, sin = (e.unsqueeze(1) for e in self.lm.model.rotary_emb(x, positions))
-        half, dim = cos.shape[-1] // 2, self.head_dim
-        # rotate_half(q) * sin == roll(q) * (sin with its first half negated), exactly: one op instead of four.
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin = self._rope(x, positions)
+        half, dim, heads, kv = cos.shape[-1] // 2, self.head_dim, self.heads, self.kv
+        if self.packed:  # q, k and v heads turned in one pass, v's by nothing: its cos is 1 and its sin 0
+            cos, sin = (torch.cat((c.expand(b, heads + kv, t, dim), c.new_full((1, 1, 1, 1), f).expand(b, kv, t, dim)),
+                                  dim=1) for c, f in ((cos, 1.0), (sin, 0.0)))
+        slab, flash = slab_class(), _flash if mask is None and x.device.type == "cpu" else None
         x = x.reshape(b * t, -1)  # 2-D rows: a product on them skips the reshapes of the 3-D path
         for layer, w in zip(past.layers, self.layers):
             h = _rms(x, *w.norm1)
-            q, k, v = _split(h, w.qkv, w.attention, dim, b, t, cos, sin, half)
-            k, v = layer.update(k, v)
-            if w.attention.num_key_value_groups == 1:  # what transformers' sdpa wrapper calls then, minus its checks
+            if self.packed:
+                both = _linear(h, *w.qkv)
+                both = both.view(b, -1, 1, dim) if t == 1 else both.view(b, t, -1, dim).transpose(1, 2)
+                both = torch.addcmul(both * cos, both.roll(half, -1), sin)
+                q, new = both.narrow(1, 0, heads), both.narrow(1, heads, 2 * kv)
+                k, v = layer.append(new, kv) if type(layer) is slab else layer.update(*new.split(kv, dim=1))
+            else:
+                q, k, v = _split(h, w.qkv, dim, b, t, cos, sin, half)
+                k, v = layer.update(k, v)
+            if w.attention.num_key_value_groups != 1:
+                out, _ = self.attend(w.attention, q, k, v, mask, dropout=0.0, scaling=self.scaling)
+            elif flash is not None:  # the kernel sdpa picks on a CPU, without its dispatch
+                out = flash(q, k, v, scale=self.scaling)[0]
+                out = out if t == 1 else out.transpose(1, 2)  # (B, heads, 1, dim) rows are (B, 1, heads, dim) rows
+            else:  # what transformers' sdpa wrapper calls then, minus its checks
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
                                                      is_causal=False).transpose(1, 2)
-            else:
-                out, _ = self.attend(w.attention, q, k, v, mask, dropout=0.0, scaling=self.scaling)
             x = _linear(out.reshape(b * t, -1), *w.o, add=x, fuse=self.packed)
             h = _rms(x, *w.norm2)
             if len(w.gate_up) == 2:
                 gate, up = _linear(h, *w.gate_up).chunk(2, dim=-1)
             else:
                 gate, up = _linear(h, *w.gate_up[:2]), _linear(h, *w.gate_up[2:])
-            x = _linear(w.act(gate) * up, *w.down, add=x, fuse=self.packed)
+            x = _linear(w.act(gate).mul_(up), *w.down, add=x, fuse=self.packed)
         if every:
             return _linear(_rms(x, *self.norm), *self.head).view(b, t, -1)
-        return _linear(_rms(x.view(b, t, -1)[:, -1], *self.norm), *self.head)
+        return _linear(_rms(x if t == 1 else x.view(b, t, -1)[:, -1], *self.norm), *self.head)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, T, dim) cos and sin of `positions`, sin with its first half negated: rotate_half(q) * sin is then
+        roll(q) * that sin, exactly. Looked up in a table made by the model's own rotary embedding (the same
+        values: each is the cos or sin of one product), except for the kinds of RoPE that change with length."""
+        rotary = self.lm.model.rotary_emb
+        if "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
+            return _negated(*(e.unsqueeze(1) for e in rotary(x, positions)))
+        made_from, table = self._table
+        source = (rotary.inv_freq.data_ptr(), rotary.inv_freq._version, x.dtype, x.device)
+        top = int(positions.max()) + 1
+        if made_from != source or table[0].shape[0] < top:
+            cos, sin = rotary(x, torch.arange(max(2 * top, 256), device=x.device)[None])
+            table = _negated(cos[0], sin[0])
+            self._table = (source, table)
+        return table[0][positions].unsqueeze(1), table[1][positions].unsqueeze(1)
 
 
-def _split(h: torch.Tensor, qkv: tuple, attention, dim: int, b: int, t: int, cos, sin, half: int):
-    """q and k rotated, and v, as (B, heads, T, dim), from the packed product or the three separate ones."""
-    if len(qkv) == 2:
-        heads = attention.config.num_attention_heads
-        kv = (qkv[0].shape[1] // dim - heads) // 2
-        both = _linear(h, *qkv).view(b, t, -1, dim).transpose(1, 2)  # (B, heads + 2 kv, T, dim)
-        qk, v = both.split((heads + kv, kv), dim=1)
-        qk = qk * cos + qk.roll(half, -1) * sin  # q and k rotated together: one pass of four ops, not two
-        return (*qk.split((heads, kv), dim=1), v)
+def _negated(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+# sdpa's CPU kernel, called directly where sdpa would pick it (no mask): its choosing costs ~20 us a layer.
+_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _split(h: torch.Tensor, qkv: tuple, dim: int, b: int, t: int, cos, sin, half: int):
+    """q and k rotated, and v, as (B, heads, T, dim), from the three separate products."""
     q, k, v = (_linear(h, *qkv[i:i + 2]).view(b, t, -1, dim).transpose(1, 2) for i in (0, 2, 4))
     return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
 
 
-def _weights(lm) -> tuple[list[_Layer], tuple, bool]:
-    """Each layer's tensors and the head's, packed (module note) where the model is on a CPU and small enough."""
+def _weights(lm) -> tuple[list[_Layer], tuple, tuple, bool]:
+    """Each layer's tensors, the head's and the last norm's; packed (module note) where the model is on a CPU and
+    small enough, each norm's weight then folded into the product after it."""
     linears = [m for x in lm.model.layers for m in (x.self_attn.q_proj, x.self_attn.k_proj, x.self_attn.v_proj,
                                                      x.self_attn.o_proj, x.mlp.gate_proj, x.mlp.up_proj,
                                                      x.mlp.down_proj)] + [lm.lm_head]
@@ -130,32 +164,44 @@ def _weights(lm) -> tuple[list[_Layer], tuple, bool]:
     # could move a token; such models decode with transformers' own products.
     pack = (weights[0].device.type == "cpu" and all(w.dtype == torch.float32 for w in weights)
             and sum(w.numel() * w.element_size() for w in weights) <= PACK_LIMIT_BYTES)
-    identity = _identity(linears) if pack else None
+    norms = [n for x in lm.model.layers for n in (x.input_layernorm, x.post_attention_layernorm)] + [lm.model.norm]
+    identity = _identity([t for m in linears + norms for t in (m.weight, getattr(m, "bias", None))]) if pack else None
     held = _packed.get(lm)
     if identity is not None and held is not None and _same(held[0], identity):
         return held[1]
+    from transformers.activations import SiLUActivation
+
     layers = []
     for x in lm.model.layers:
-        a, mlp = x.self_attn, x.mlp
-        norms = [(n.weight, n.variance_epsilon) for n in (x.input_layernorm, x.post_attention_layernorm)]
-        qkv = _join(a.q_proj, a.k_proj, a.v_proj) if pack else _views(a.q_proj, a.k_proj, a.v_proj)
-        gate_up = _join(mlp.gate_proj, mlp.up_proj) if pack else _views(mlp.gate_proj, mlp.up_proj)
+        a, mlp, act = x.self_attn, x.mlp, x.mlp.act_fn
+        one, two = (_norm(n, pack) for n in (x.input_layernorm, x.post_attention_layernorm))
+        qkv = _join(a.q_proj, a.k_proj, a.v_proj, scale=x.input_layernorm) if pack else _views(a.q_proj, a.k_proj,
+                                                                                                 a.v_proj)
+        gate_up = (_join(mlp.gate_proj, mlp.up_proj, scale=x.post_attention_layernorm) if pack
+                   else _views(mlp.gate_proj, mlp.up_proj))
         o, down = (_join(m) if pack else _views(m) for m in (a.o_proj, mlp.down_proj))
-        layers.append(_Layer(a, norms[0], qkv, o, norms[1], mlp.act_fn, gate_up, down))
-    result = (layers, _join(lm.lm_head) if pack else _views(lm.lm_head), pack)
+        act = F.silu if type(act) in (SiLUActivation, torch.nn.SiLU) else act  # the same op, without a module call
+        layers.append(_Layer(a, one, qkv, o, two, act, gate_up, down))
+    head = _join(lm.lm_head, scale=lm.model.norm) if pack else _views(lm.lm_head)
+    result = (layers, head, _norm(lm.model.norm, pack), pack)
     if pack and identity is not None:
         _packed[lm] = (identity, result)
     return result
 
 
-def _identity(linears) -> list | None:
+def _norm(norm, folded: bool) -> tuple[torch.Tensor | None, float | torch.Tensor]:
+    """An RMSNorm's (weight, eps); where its weight is folded into the next product, (None, eps as a tensor)."""
+    eps = norm.variance_epsilon
+    return (None, torch.tensor(eps, dtype=norm.weight.dtype)) if folded else (norm.weight, eps)
+
+
+def _identity(tensors) -> list | None:
     """What tells whether any weight changed: each tensor (weakly held, so a replaced one is seen as gone, never
     mistaken for a new one at the same address), its in-place version and its storage (a `.data` swapped under the
     same Parameter); None where a tensor keeps no version (made under inference mode), so that a packed copy is
     never trusted for it."""
     try:
-        return [(weakref.ref(t), t._version, t.data_ptr()) for m in linears for t in (m.weight, m.bias)
-                if t is not None]
+        return [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors if t is not None]
     except RuntimeError:
         return None
 
@@ -164,9 +210,11 @@ def _same(held: list, now: list) -> bool:
     return len(held) == len(now) and all(a() is b() and v == w and p == q for (a, v, p), (b, w, q) in zip(held, now))
 
 
-def _join(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(in, sum of outs) contiguous weight and the joined bias of linears that read the same input."""
-    weight = torch.cat([m.weight.detach().t() for m in linears], dim=1).contiguous()
+def _join(*linears, scale=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(in, sum of outs) contiguous weight and the joined bias of linears that read the same input; with `scale`
+    (an RMSNorm before them) its weight multiplies the rows, so that the norm's own product falls away."""
+    weight = torch.cat([m.weight.detach().t() for m in linears], dim=1)
+    weight = (weight * scale.weight.detach()[:, None] if scale is not None else weight).contiguous()
     biases = [m.bias for m in linears]
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     return weight, bias
@@ -187,8 +235,13 @@ def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, 
     return out if add is None else add + out
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's forward: in float32, torch's fused rms_norm (the same values); else operation for operation."""
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps) -> torch.Tensor:
+    """LlamaRMSNorm's forward: in float32, torch's fused rms_norm (the same values); else operation for operation.
+    Without a weight (folded into the next product) x / rms(x), in four operations instead of rms_norm's ten: on a
+    one-row step each costs more than its arithmetic."""
+    if weight is None:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x * torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]).rsqrt_()
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     h = x.to(torch.float32)

@@ -88,4 +88,4 @@ def _hold(cache, length: int, token_ids: list[int]) -> None:
     what the step wrote past them."""
     cache.length, cache.token_ids = length, token_ids
     for layer in cache.past.layers:
-        layer.keys, layer.values = (buffer[..., :length, :] for buffer in layer._buffer)
+        layer.hold(length)

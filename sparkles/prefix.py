@@ -17,6 +17,7 @@ import torch
 
 from .errors import ConfigError
 from .model.attention import lm_kwargs
+from .slab import slab_class
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def plain_layer(layer) -> bool:
     cut or kept."""
     from transformers.cache_utils import DynamicLayer
 
-    return type(layer) is DynamicLayer
+    return type(layer) in (DynamicLayer, slab_class())
 
 
 def pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -41,7 +41,7 @@ def plain(monkeypatch):
     """Run `generate` the plain way: the LM's own forward every step, on transformers' DynamicCache."""
     def use():
         monkeypatch.setattr(gen.LlamaStep, "fits", staticmethod(lambda lm: False))
-        monkeypatch.setattr(gen, "_slabs", lambda lm, past, reserve: past if past is not None else _dynamic())
+        monkeypatch.setattr(gen, "slabs", lambda lm, past, reserve: past if past is not None else _dynamic())
     return use
 
 
@@ -61,7 +61,7 @@ def test_the_step_gives_the_forward_logits(kv_heads, packed, monkeypatch):
     mask = torch.ones(2, 21, dtype=torch.long)
     mask[1, :5] = 0  # row 1 is left-padded
     with torch.inference_mode():
-        caches = [gen._slabs(lm, None, 64), _dynamic()]
+        caches = [gen.slabs(lm, None, 64), _dynamic()]
         for past in caches:
             start = (mask[:, :20].cumsum(-1) - 1).clamp(min=0)
             lm(inputs_embeds=prompt, attention_mask=mask[:, :20], position_ids=start, use_cache=True,

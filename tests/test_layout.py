@@ -20,7 +20,8 @@ LAYERS = [
     ("data model", {"errors", "registry", "config", "conversation", "formats", "image", "client", "jsonl"}),
     ("rendering", {"template", "tokenizer", "processor"}),
     ("model", {"model"}),
-    ("inference", {"generate", "llama_step", "lookahead", "request", "session", "batch_session", "prefix", "engine"}),
+    ("inference", {"generate", "slab", "llama_step", "lookahead", "request", "session", "batch_session", "prefix",
+                   "engine"}),
     ("stages", {"train", "eval", "synth", "world"}),
     ("front ends", {"serve", "cli"}),
 ]

@@ -405,6 +405,37 @@ def test_a_request_joins_a_running_batch_and_leaves_it_alone(chat):
     assert long_text.strip() == _run_ignoring_eos(alone, conversations[0], 80)
 
 
+def test_the_batch_writes_its_cache_in_place_and_grows_it_past_the_room_made(chat, monkeypatch):
+    """Each decoding step writes its keys and values into the batch's buffers (slab.py), not a copy of the whole
+    cache; an answer longer than the room made ahead grows them by half, and two rows answer as `Chat` does."""
+    import sparkles.engine as engine_module
+    from sparkles.slab import slab_class
+
+    monkeypatch.setattr(engine_module, "ROOM_AHEAD", 2)
+    slab, writes, buffers = slab_class(), [], set()
+    for name in ("append", "update"):
+        def spy(self, *args, _real=getattr(slab, name), **kwargs):
+            out = _real(self, *args, **kwargs)
+            writes.append(id(self))
+            buffers.add((id(self), self._buffer.data_ptr(), tuple(self._buffer.shape)))
+            return out
+        monkeypatch.setattr(slab, name, spy)
+    engine = Engine.from_chat(chat, EngineConfig(max_batch=4))
+    conversations = [load_images(from_openai(two_images(a, b))) for a, b in (("red", "blue"), ("green", "red"))]
+    params = SamplingParams(max_new_tokens=24)
+    try:
+        requests = [engine.submit(engine.encode(c), params) for c in conversations]
+        answers = ["".join(e.text for e in r) for r in requests]
+    finally:
+        engine.close()
+    assert answers == [chat.answer(c, params) for c in conversations]
+    layer = writes[0]
+    steps = writes.count(layer)
+    assert steps >= 8, "too few steps to tell in-place writes from copies"
+    # a new buffer at the first write, at growths by half, at a join or a leave: far fewer than the steps
+    assert len({b for b in buffers if b[0] == layer}) <= 6 < steps
+
+
 def _run_ignoring_eos(chat, conversation, n):
     engine = Engine.from_chat(chat, EngineConfig(max_batch=1))
     try:
