@@ -51,15 +51,16 @@ def _dynamic():
     return DynamicCache()
 
 
+@pytest.mark.parametrize("padded", [True, False])  # False: no mask, sdpa's CPU kernel called directly
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention
-def test_the_step_gives_the_forward_logits(kv_heads, packed, monkeypatch):
+def test_the_step_gives_the_forward_logits(kv_heads, packed, padded, monkeypatch):
     monkeypatch.setattr(step_module, "PACK_LIMIT_BYTES", step_module.PACK_LIMIT_BYTES if packed else 0)
     lm = llama(kv_heads)
     assert gen.LlamaStep.fits(lm)
     prompt = lm.get_input_embeddings()(ids(2, 20))
     mask = torch.ones(2, 21, dtype=torch.long)
-    mask[1, :5] = 0  # row 1 is left-padded
+    mask[1, :5] = 0 if padded else 1  # row 1 is left-padded
     with torch.inference_mode():
         caches = [gen.slabs(lm, None, 64), _dynamic()]
         for past in caches:
@@ -69,7 +70,7 @@ def test_the_step_gives_the_forward_logits(kv_heads, packed, monkeypatch):
         token = lm.get_input_embeddings()(ids(2, 1, seed=7))
         positions = mask.sum(-1, keepdim=True) - 1
         step = gen.LlamaStep(lm)
-        fast = step(token, positions, mask[:, None, None, :].bool(), caches[0])
+        fast = step(token, positions, mask[:, None, None, :].bool() if padded else None, caches[0])
         slow = lm(inputs_embeds=token, attention_mask=mask, position_ids=positions, use_cache=True,
                   **gen.cache_kwargs(lm, caches[1])).logits[:, -1]
     assert (len(step.layers[0].qkv) == 2) == packed  # one (in, out) matrix and its bias, or three views
@@ -179,7 +180,32 @@ def test_packed_weights_follow_every_change_of_the_model():
                                                                                      .q_proj.weight))
     replaced, slow = both()
     assert torch.equal(replaced, slow)
+    packed = step_module._weights(lm)
+    with torch.no_grad():  # a norm's weight is folded into the packed product after it
+        lm.model.layers[2].input_layernorm.weight.mul_(-2)
+    normed, slow = both()
+    assert torch.equal(normed, slow) and not torch.equal(normed, replaced) and step_module._weights(lm) is not packed
     down = lm.model.layers[2].mlp.down_proj.weight
     down.data = torch.randn_like(down)  # a new tensor under the same Parameter, as some merges do
     swapped, slow = both()
     assert torch.equal(swapped, slow) and step_module._weights(lm) is not first
+
+
+def test_one_step_kept_across_calls_follows_positions_past_its_rope_table_and_a_changed_rope():
+    """The engine keeps one step for its life: RoPE looked up in a table made on first use must grow with the
+    positions and be made again when the model's frequencies change; the logits stay the forward's."""
+    lm = llama()
+    step = gen.LlamaStep(lm)
+    with torch.inference_mode():
+        for length, scale in ((20, 1.0), (300, 1.0), (40, 0.5)):  # 300: past the first table's 256 positions
+            lm.model.rotary_emb.inv_freq.mul_(scale)
+            prompt = lm.get_input_embeddings()(ids(1, length))
+            caches = [gen.slabs(lm, None, length + 1), _dynamic()]
+            for past in caches:
+                lm(inputs_embeds=prompt, use_cache=True, **gen.cache_kwargs(lm, past))
+            token = lm.get_input_embeddings()(ids(1, 1, seed=7))
+            position = torch.tensor([[length]])
+            fast = step(token, position, None, caches[0])
+            slow = lm(inputs_embeds=token, position_ids=position, use_cache=True,
+                      **gen.cache_kwargs(lm, caches[1])).logits[:, -1]
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
