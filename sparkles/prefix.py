@@ -33,8 +33,10 @@ class Prefix:
 
     @property
     def nbytes(self) -> int:
+        """The memory it holds: each storage its keys and values view counted whole (a slab's room ahead too)."""
         extra = 0 if self.features is None else self.features.nbytes
-        return sum(k.nbytes + v.nbytes for k, v in self.layers) + self.ids.nbytes + extra
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for pair in self.layers for t in pair}
+        return sum(storages.values()) + self.ids.nbytes + extra
 
 
 class PrefixCache:
@@ -73,13 +75,13 @@ class PrefixCache:
         return best, self._entries[found]
 
     def store(self, ids: list[int], images: list[tuple[int, str]], layers, features=None) -> None:
-        """Keep a prompt's cache: `layers` are (1, H, L, d) keys and values. A tensor that is all of its storage (a
-        prompt prefilled alone) is kept as it is, since nothing writes into it; a row of a batch is copied, so that
-        the batch's memory is freed with the batch."""
+        """Keep a prompt's cache: `layers` are (1, H, L, d) keys and values. Tensors that fill most of their storage
+        (a prompt prefilled alone: its slab, with some room ahead) are kept as they are, since nothing writes into
+        the positions they view; a row of a batch is copied, so that the batch's memory is freed with the batch."""
         if self.capacity <= 0:
             return
-        entry = Prefix(torch.tensor(ids, dtype=torch.long), tuple(images),
-                       tuple((_own(k), _own(v)) for k, v in layers), None if features is None else features.detach())
+        entry = Prefix(torch.tensor(ids, dtype=torch.long), tuple(images), tuple(_own(k, v) for k, v in layers),
+                       None if features is None else features.detach())
         if entry.nbytes > self.capacity:
             return
         # An entry this one extends is of no more use: every lookup it would win, this one wins too.
@@ -113,10 +115,14 @@ class PrefixCache:
         return n
 
 
-def _own(x: torch.Tensor) -> torch.Tensor:
-    """`x` itself where it is the whole of its storage, else a copy of it alone."""
-    whole = x.is_contiguous() and x.untyped_storage().nbytes() == x.nbytes and x.storage_offset() == 0
-    return x.detach() if whole else x.detach().clone()
+def _own(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`keys` and `values` themselves where they fill at least half of the storage they hold (theirs alone, or one
+    slab's), else copies of them alone: a row of a batch, or a short prompt in a roomy buffer, would keep far more
+    memory than it counts."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (keys, values)}
+    if 2 * (keys.nbytes + values.nbytes) >= sum(storages.values()):
+        return keys.detach(), values.detach()
+    return keys.detach().clone(), values.detach().clone()
 
 
 def image_keys(encoded) -> list[tuple[int, str]]:

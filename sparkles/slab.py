@@ -58,12 +58,15 @@ def slab_class() -> type:
             keys, buffer = getattr(self, "keys", None), getattr(self, "_buffer", None)
             held = 0 if keys is None or keys.numel() == 0 else keys.shape[-2]
             end, batch = held + new, like.shape[0]
-            if (buffer is None or end > buffer.shape[-2] or buffer.shape[:2] != (batch, both) or held
-                    and not (keys.stride() == self.values.stride() == buffer.stride()
-                             and keys.data_ptr() == buffer.data_ptr()
-                             and self.values.data_ptr() == buffer.data_ptr()
-                             + both // 2 * buffer.stride(1) * buffer.element_size())):
-                buffer = like.new_empty(batch, both, max(end, self.reserve, held + held // 2), like.shape[-1])
+            ours = buffer is not None and buffer.shape[:2] == (batch, both)
+            if ours and held:  # keys and values still the views of it made at the last write (not a crop's copy)
+                start, half = buffer.data_ptr(), both // 2 * buffer.stride(1) * buffer.element_size()
+                ours = (keys.stride() == self.values.stride() == buffer.stride() and keys.data_ptr() == start
+                        and self.values.data_ptr() == start + half)
+            if not ours or end > buffer.shape[-2]:
+                # growing a buffer of ours: by half at least, so that long answers copy it a few times only
+                room = max(end, self.reserve, held + held // 2 if ours else 0)
+                buffer = like.new_empty(batch, both, room, like.shape[-1])
                 if held:
                     buffer[:, :both // 2, :held], buffer[:, both // 2:, :held] = keys, self.values
                 self._buffer = buffer

@@ -361,6 +361,32 @@ def test_the_prefix_cache_keeps_a_lone_prompt_without_a_copy_and_copies_a_batch_
     assert torch.equal(row[0], batch[0][1:2, :, -5:]) and torch.equal(row[1], batch[1][1:2, :, -5:])
 
 
+def test_the_prefix_cache_keeps_a_slab_with_little_room_as_it_is_and_counts_all_of_it():
+    """A prompt prefilled alone lives in a slab (keys and values in one buffer, room ahead): kept without a copy
+    where it fills at least half of the buffer, the whole buffer counted; a short prompt in a roomy one is copied."""
+    import torch
+
+    from sparkles.prefix import PrefixCache
+    from sparkles.slab import slab_class
+
+    def slab(length, room):
+        layer = slab_class()()
+        layer.reserve = room
+        layer.update(torch.randn(1, 2, length, 4), torch.randn(1, 2, length, 4))
+        return layer
+
+    cache = PrefixCache(capacity=1 << 20, tokens_per_image=2)
+    full, roomy = slab(10, 12), slab(3, 12)
+    cache.store_rows([(0, list(range(10)), [], None)], [full])
+    cache.store_rows([(0, list(range(20, 23)), [], None)], [roomy])
+    (kept,), (copied,) = (e.layers for e in cache._entries.values())
+    assert kept[0].data_ptr() == full.keys.data_ptr() and kept[1].data_ptr() == full.values.data_ptr()
+    assert copied[0].untyped_storage().nbytes() == copied[0].nbytes and torch.equal(copied[0], roomy.keys)
+    first, second = cache._entries.values()
+    assert first.nbytes == 2 * 2 * 12 * 4 * 4 + 10 * 8  # the buffer's 12 positions, keys and values; the ids
+    assert second.nbytes == 2 * 2 * 3 * 4 * 4 + 3 * 8
+
+
 def test_a_flood_of_bad_requests_leaves_it_serving(chat, tmp_path):
     engine = Engine.from_chat(chat)
     bad = [raw for raw, _, _ in _bad_requests(tmp_path)[:14]] * 8  # none that the default config allows
