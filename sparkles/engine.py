@@ -360,8 +360,10 @@ class Engine:
         # Columns that only the rows that left were using are dead weight in every later step: cut them off.
         lead = int(self._mask.any(dim=0).long().argmax())
         self._mask = self._mask[:, lead:]
-        for layer in self._cache.layers:
+        room = self._mask.shape[1] + min(max(r.budget - r.produced for r in self._rows), ROOM_AHEAD)
+        for layer in self._cache.layers:  # new tensors: the next step copies them into a slab with this room
             layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
+            layer.reserve = room
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._last = [], None, None, None

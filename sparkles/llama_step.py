@@ -49,6 +49,9 @@ class _Layer(NamedTuple):
     act: object
     gate_up: tuple[torch.Tensor, ...]
     down: tuple[torch.Tensor, torch.Tensor | None]
+    # For one row: the model's own (out, in) down weight, as its (in, out) view, where it narrows (in > out): a
+    # one-row product streams such a matrix 10-15 % faster in that layout, and any other in the (in, out) one.
+    down_one: tuple[torch.Tensor, None] | None = None
 
 
 class LlamaStep:
@@ -125,7 +128,8 @@ class LlamaStep:
                 gate, up = _linear(h, *w.gate_up).chunk(2, dim=-1)
             else:
                 gate, up = _linear(h, *w.gate_up[:2]), _linear(h, *w.gate_up[2:])
-            x = _linear(w.act(gate).mul_(up), *w.down, add=x, fuse=self.packed)
+            down = w.down if w.down_one is None or b * t > 1 else w.down_one
+            x = _linear(w.act(gate).mul_(up), *down, add=x, fuse=self.packed)
         if every:
             return _linear(_rms(x, *self.norm), *self.head).view(b, t, -1)
         return _linear(_rms(x if t == 1 else x.view(b, t, -1)[:, -1], *self.norm), *self.head)
@@ -190,7 +194,9 @@ def _weights(lm) -> tuple[list[_Layer], tuple, tuple, bool]:
                    else _views(mlp.gate_proj, mlp.up_proj))
         o, down = (_join(m) if pack else _views(m) for m in (a.o_proj, mlp.down_proj))
         act = F.silu if type(act) in (SiLUActivation, torch.nn.SiLU) else act  # the same op, without a module call
-        layers.append(_Layer(a, one, qkv, o, two, act, gate_up, down))
+        narrows = pack and mlp.down_proj.bias is None and mlp.down_proj.in_features > mlp.down_proj.out_features
+        layers.append(_Layer(a, one, qkv, o, two, act, gate_up, down,
+                             (mlp.down_proj.weight.detach().t(), None) if narrows else None))
     head = _join(lm.lm_head, scale=lm.model.norm) if pack else _views(lm.lm_head)
     result = (layers, head, _norm(lm.model.norm, pack), pack)
     if pack and identity is not None:
