@@ -101,7 +101,8 @@ class LlamaStep:
         if self.packed:  # q, k and v heads turned in one pass, v's by nothing: its cos is 1 and its sin 0
             cos, sin = (torch.cat((c.expand(b, heads + kv, t, dim), c.new_full((1, 1, 1, 1), f).expand(b, kv, t, dim)),
                                   dim=1) for c, f in ((cos, 1.0), (sin, 0.0)))
-        slab, flash = slab_class(), _flash if mask is None and x.device.type == "cpu" else None
+        direct = mask is None and x.device.type == "cpu" and x.dtype == torch.float32
+        slab, flash = slab_class(), _flash if direct else None
         x = x.reshape(b * t, -1)  # 2-D rows: a product on them skips the reshapes of the 3-D path
         for layer, w in zip(past.layers, self.layers):
             h = _rms(x, *w.norm1)
@@ -137,9 +138,10 @@ class LlamaStep:
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, T, dim) cos and sin of `positions`, sin with its first half negated: rotate_half(q) * sin is then
         roll(q) * that sin, exactly. Looked up in a table made by the model's own rotary embedding (the same
-        values: each is the cos or sin of one product), except for the kinds of RoPE that change with length."""
+        values: each is the cos or sin of one product), on a CPU (elsewhere, reading the largest position would wait
+        for the device) and except for the kinds of RoPE that change with length."""
         rotary = self.lm.model.rotary_emb
-        if "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
+        if x.device.type != "cpu" or "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
             return _negated(*(e.unsqueeze(1) for e in rotary(x, positions)))
         made_from, table = self._table
         source = (rotary.inv_freq.data_ptr(), rotary.inv_freq._version, x.dtype, x.device)
