@@ -12,11 +12,11 @@ training step between evaluations).
 Past the products, a one-row step is a few hundred small operations, each costing microseconds of dispatch whatever
 its size (more in place than alone: the weights streamed in between evict the dispatcher's own code and data). So
 the packed step also does fewer of them: each RMSNorm's weight is folded into the rows of the product after it (the
-norm is then four operations instead of ten), RoPE's cos and sin come from a table, q, k and v are turned in one
+norm is then three operations instead of ten), RoPE's cos and sin come from a table, q, k and v are turned in one
 pass (v by a cos of 1 and a sin of 0) and written to a slab (`slab.py`) with one copy, and sdpa's CPU kernel is
 called directly where sdpa would pick it. On the 28 M-parameter Llama of `bench/bench_decode.py` (one thread) the
-step takes about 8.2 ms in its products, 1.1 ms in attention (reading the KV cache, cold after the weights) and
-1 ms in everything else.
+step takes about 7.6-8.2 ms in its products, 1.1 ms in attention (reading the KV cache, cold after the weights) and
+1.5 ms in everything else, some 160 operations.
 
 The sums of those products run in another order than transformers' own, so logits may differ from the forward's
 in the last bits of float32 (`tests/test_decode_fast.py` bounds it); greedy and seeded tokens are the forward's and
