@@ -64,8 +64,10 @@ def slab_class() -> type:
                 ours = (keys.stride() == self.values.stride() == buffer.stride() and keys.data_ptr() == start
                         and self.values.data_ptr() == start + half)
             if not ours or end > buffer.shape[-2]:
-                # growing a buffer of ours: by half at least, so that long answers copy it a few times only
-                room = max(end, self.reserve, held + held // 2 if ours else 0)
+                # Growing a buffer of ours: room past what this call needs for half the positions held (a long
+                # answer copies it a few times only) or for as many as it brings (a chat's next turn, most often
+                # like this one, finds room: a session grows every turn, each growth a copy of all it holds).
+                room = max(end, self.reserve) + (max(held // 2, new) if ours else 0)
                 buffer = like.new_empty(batch, both, room, like.shape[-1])
                 if held:
                     buffer[:, :both // 2, :held], buffer[:, both // 2:, :held] = keys, self.values
