@@ -15,17 +15,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import SamplingParams
+from .config import GREEDY_BELOW, SamplingParams
 from .errors import ContextLengthError, EngineClosedError, QueueFullError  # noqa: F401 (the server's)
 from .generate import Chat, cache_kwargs, sample
 from .llama_step import LlamaStep
+from .lookahead import Guesser, check
 from .model.layer_state import state_kwargs
 from .prefix import PrefixCache, check_engine, image_keys, kinds_mask, lm_masks
 from .prefix import pad_left as _pad
 from .prefix import plain_layer as _plain
 from .processor import Encoded, TextStream
 from .request import Event, Request
-from .slab import holding
+from .slab import holding, slab_class
 
 log = logging.getLogger(__name__)
 ROW_FAILED = "generation failed for this request"  # one row's error: the others in its batch go on
@@ -39,6 +40,7 @@ class EngineConfig:
     max_batch: int = 8  # rows decoded together; 1 serves one request at a time
     max_queue: int = 64  # requests waiting to join; past this `submit` refuses (HTTP 429)
     prefix_cache_mb: float = 0  # KV of prompts kept to resume later ones that start alike (prefix.py); 0 = off
+    lookahead: int = 0  # guessed tokens a lone greedy row checks a step (prompt lookup, lookahead.py); 0 = off
 
 
 @dataclass
@@ -57,6 +59,7 @@ class _Row:
     broken: str | None = None  # why this row cannot go on (a seed torch refused): it ends with an error
     reads: object = None  # a reader model's state of the last prompt position, which each new token reads too
     features: torch.Tensor | None = None  # and its prompt's (N, K, D) image features, kept with its prefix
+    guesser: Guesser | None = None  # its text so far, indexed for prompt lookup (made on first use)
 
     @staticmethod
     def waiting(request: Request) -> _Row:
@@ -256,6 +259,11 @@ class Engine:
         self._drop_finished()
         if not self._rows:
             return
+        alone = self._rows[0].request.params if len(self._rows) == 1 and not self._rows[0].broken else None
+        if (self.config.lookahead and alone and alone.temperature < GREEDY_BELOW and alone.repetition_penalty == 1
+                and self._step is not None and bool((self._mask > 0).all())
+                and all(type(layer) is slab_class() for layer in self._cache.layers)):
+            return self._decode_ahead(self._rows[0])  # a lone greedy row: prompt lookup
         ones = torch.ones(len(self._rows), 1, dtype=self._mask.dtype, device=self._mask.device)
         self._mask = torch.cat([self._mask, ones], dim=1)
         inputs = self.chat.model.lm.get_input_embeddings()(self._last[:, None])  # (B, 1, D)
@@ -263,6 +271,27 @@ class Engine:
         signal = None if reads[0] is None else type(reads[0]).left_padded(reads, 1)
         logits = self._forward(inputs, self._mask, self._cache, signal)
         self._last = self._sample(self._rows, logits)
+        self._drop_finished()
+
+    def _decode_ahead(self, row: _Row) -> None:
+        """A lone greedy row's step with prompt lookup: its last token and up to `lookahead` guessed ones checked
+        at once (lookahead.py); the greedy tokens go out one by one, and the cache keeps the positions fed before
+        the last one out (the last token and the kept guesses before it), as plain steps would leave it."""
+        held, lm, out = self._mask.shape[1], self.chat.model.lm, 0
+        row.guesser = row.guesser or Guesser(row.seen[0].tolist())
+        guess = row.guesser.guess(min(self.config.lookahead, row.budget - row.produced - 1))
+        banned = [i for i in self.chat.model.input_only_ids if i < lm.get_output_embeddings().weight.shape[0]]
+        best = check(self._step, lm.get_input_embeddings(), self._cache, held, held, int(self._last[0]), guess,
+                     torch.tensor(banned, dtype=torch.long, device=self._last.device))
+        while row.finish is None and out < len(best):
+            token, out = best[out], out + 1
+            row.seen = torch.cat([row.seen, row.seen.new_tensor([[token]])], dim=1)
+            row.guesser.extend([token])
+            self._advance(row, token)
+        for layer in self._cache.layers:
+            layer.hold(held + out)
+        self._mask, self._last = self._mask.new_ones(1, held + out), self._last.new_tensor([token])
+        self.counts.update(lookahead_steps=1, lookahead_tokens=out)
         self._drop_finished()
 
     def _forward(self, inputs: torch.Tensor, mask: torch.Tensor, cache, signal=None) -> torch.Tensor:

@@ -52,27 +52,17 @@ def greedy_lookahead(step, table, cache, token: int, position: int, context: lis
                      record: bool) -> Iterator[torch.Tensor]:
     """Yield (1,) greedy tokens after `token` (already yielded, not yet in `cache`, at `position`), at most
     `budget` of them, stopping after a stop id. `context`: the ids the guesses are looked up in (the prompt's
-    text). `cache` is a `generate.KVCache` of slabs (`generate._slab_class`), cut back by re-slicing their buffers."""
+    text). `cache` is a `generate.KVCache` of slabs (`slab.py`), cut back by re-slicing their buffers."""
     guesser = Guesser(context + [token])
     device, token_fed = banned.device, token
     while budget > 0:
         guess = guesser.guess(min(lookahead, budget - 1))
-        ids = torch.tensor([[token_fed, *guess]], device=device)
-        t, held = ids.shape[1], cache.length
-        # Each new position sees the cache and the new positions up to itself.
-        mask = None if t == 1 else torch.ones(t, held + t, dtype=torch.bool, device=device).tril(held)[None, None]
-        positions = torch.arange(position, position + t, device=device)[None]
-        logits = step(table(ids), positions, mask, cache.past, every=True)[0].float()  # (T, V)
-        logits = logits.nan_to_num(float("-inf"), torch.finfo(torch.float32).max, float("-inf"))  # as `sample`
-        if banned.numel():
-            logits = logits.index_fill(1, banned, float("-inf"))
-        best = logits.argmax(-1).tolist()
-        kept = 0
-        while kept < len(guess) and best[kept] == guess[kept]:
-            kept += 1
-        guesser.extend(best[:kept + 1])
+        held = cache.length
+        best = check(step, table, cache.past, held, position, token_fed, guess, banned)
+        kept = len(best) - 1
+        guesser.extend(best)
         fed, base = [token_fed, *best[:kept]], list(cache.token_ids)
-        for out, token in enumerate(best[:kept + 1], start=1):
+        for out, token in enumerate(best, start=1):
             # At each token out the cache holds every token before it and no more, as plain decoding leaves it:
             # a reader that stops here (a stop string, a closed stream) finds it so, without the guesses after.
             _hold(cache, held + out, base + fed[:out] if record else base)
@@ -81,6 +71,27 @@ def greedy_lookahead(step, table, cache, token: int, position: int, context: lis
             if token in stop_ids or budget == 0:
                 return
         token_fed, position = best[kept], position + kept + 1
+
+
+def check(step, table, past, held: int, position: int, token: int, guess: list[int],
+          banned: torch.Tensor) -> list[int]:
+    """One step of `step` on `past` (`held` positions, all real) over `token` at `position` and the guesses after
+    it -> the greedy tokens: those of the guesses that equal the greedy choice before them, then the choice where
+    they first differ (or after the last). The step writes every fed position; the caller keeps what it uses."""
+    ids = torch.tensor([[token, *guess]], device=banned.device)
+    t = ids.shape[1]
+    # Each new position sees the cache and the new positions up to itself.
+    mask = None if t == 1 else torch.ones(t, held + t, dtype=torch.bool, device=ids.device).tril(held)[None, None]
+    positions = torch.arange(position, position + t, device=ids.device)[None]
+    logits = step(table(ids), positions, mask, past, every=True)[0].float()  # (T, V)
+    logits = logits.nan_to_num(float("-inf"), torch.finfo(torch.float32).max, float("-inf"))  # as `sample`
+    if banned.numel():
+        logits = logits.index_fill(1, banned, float("-inf"))
+    best = logits.argmax(-1).tolist()
+    kept = 0
+    while kept < len(guess) and best[kept] == guess[kept]:
+        kept += 1
+    return best[:kept + 1]
 
 
 def _hold(cache, length: int, token_ids: list[int]) -> None:

@@ -169,5 +169,5 @@ def lm_masks(model, mask: torch.Tensor) -> dict:
 
 def check_engine(model, config) -> None:
     """ConfigError for an engine `config` out of range."""
-    if config.max_batch < 1 or config.max_queue < 0:
-        raise ConfigError(f"max_batch must be >= 1 and max_queue >= 0, got {config}")
+    if config.max_batch < 1 or config.max_queue < 0 or config.lookahead < 0:
+        raise ConfigError(f"max_batch must be >= 1, max_queue and lookahead >= 0, got {config}")

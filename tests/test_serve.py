@@ -464,6 +464,36 @@ def test_the_batch_writes_its_cache_in_place_and_grows_it_past_the_room_made(cha
     assert len({b for b in buffers if b[0] == layer}) <= 6 < steps
 
 
+def test_prompt_lookup_in_the_engine_answers_as_without_it_and_leaves_an_exact_cache(chat):
+    """With `lookahead`, a lone greedy request checks guessed tokens a step: the same answers, finish reasons and
+    token counts as without it (a stop string inside a chunk of kept guesses included) in fewer steps, and the prefix
+    kept after it resumes the next turn with that turn's own answer."""
+    messages = two_images("red", "blue")
+    params = SamplingParams(max_new_tokens=40)
+    plain = chat.answer(load_images(from_openai(messages)), params)
+    stop = SamplingParams(max_new_tokens=40, stop=(plain[12:15],))
+    follow = messages + [{"role": "assistant", "content": plain}, {"role": "user", "content": "And now?"}]
+
+    def run(lookahead):
+        engine = Engine.from_chat(chat, EngineConfig(max_batch=4, prefix_cache_mb=64, lookahead=lookahead))
+
+        def ask(messages, params):
+            *events, end = engine.submit(engine.encode(load_images(from_openai(messages))), params)
+            return "".join(e.text or "" for e in [*events, end]), end.finish_reason, end.completion_tokens
+
+        try:
+            return [ask(messages, params), ask(messages, stop), ask(follow, params)], engine.stats()
+        finally:
+            engine.close()
+
+    (ahead, stats), (without, _) = run(4), run(0)
+    assert ahead == without
+    assert ahead[0][0] == plain and len(plain) > 15 and ahead[1][0] != plain
+    assert ahead[2][0] == chat.answer(load_images(from_openai(follow)), params)
+    assert stats["lookahead_tokens"] > stats["lookahead_steps"] > 0  # guesses were kept
+    assert stats["prefix_cache"]["tokens_reused"] > 0
+
+
 def _run_ignoring_eos(chat, conversation, n):
     engine = Engine.from_chat(chat, EngineConfig(max_batch=1))
     try:

@@ -64,8 +64,10 @@ def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException
 
+    # A Chat's own prompt lookup (`sparkles serve --lookahead K`) goes to its engine's lone greedy rows.
     engine = chat_or_engine if isinstance(chat_or_engine, Engine) else \
-        Engine.from_chat(chat_or_engine, EngineConfig(config.max_batch, config.max_queue, config.prefix_cache_mb))
+        Engine.from_chat(chat_or_engine, EngineConfig(config.max_batch, config.max_queue, config.prefix_cache_mb,
+                                                      getattr(chat_or_engine, "lookahead", 0)))
 
     workers = Workers(config.workers, max_waiting=config.max_waiting, max_wait=config.worker_wait,
                       degraded_after=config.degraded_after)
@@ -284,6 +286,8 @@ def add_cli(commands) -> None:
     serve.add_argument("--max-tokens", dest="default_max_tokens", type=int, default=ServeConfig.default_max_tokens,
                        help="when a request has none")
     serve.add_argument("--prefix-cache-mb", type=float, default=ServeConfig.prefix_cache_mb, help="0 turns it off")
+    serve.add_argument("--lookahead", type=int, default=0, metavar="K",
+                       help="a request decoded alone and greedily checks K tokens guessed from the conversation a step")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     serve.set_defaults(run=_run, system=None)
