@@ -2,10 +2,11 @@
 questions: the shipped default model on fresh shapes-world items (captions, BISON, NLVR2 and first dialogue turns).
 
     python bench/bench_lookahead.py [--model sparkles/assets/default] [--n 10] [--seed 77] [--lookahead 4]
-                                    [--threads 1]
+                                    [--threads 1] [--engine]
 
-Each question is answered alone (`Chat.stream`, batch 1, greedy, a worked answer's room), once plainly and once
-with `--lookahead` guesses a step, alternating question by question so that load on the machine falls on both.
+Each question is answered alone (`Chat.stream`, or with `--engine` the serve engine's one-row batch; greedy, a
+worked answer's room), once plainly and once with `--lookahead` guesses a step, alternating question by question
+so that load on the machine falls on both.
 Reported: seconds and tokens/s per variant and task type (prefill included), their ratio, whether every answer is
 the same, and the tokens a lookahead step yielded on average. Random LMs are no test of this: their greedy output
 repeats itself, which any n-gram guess predicts.
@@ -21,6 +22,7 @@ import time
 import torch
 
 from sparkles.config import SamplingParams
+from sparkles.engine import Engine, EngineConfig
 from sparkles.generate import Chat
 from sparkles.llama_step import LlamaStep
 from sparkles.model.checkpoint import load
@@ -35,11 +37,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=77)
     parser.add_argument("--lookahead", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", action="store_true",
+                        help="answer through the serve engine (`EngineConfig.lookahead`), one request at a time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = load(args.model)
     chats = {"plain": Chat(model, processor), "lookahead": Chat(model, processor, lookahead=args.lookahead)}
     params = SamplingParams(max_new_tokens=WORKED_TOKENS)
+    engines = {name: Engine.from_chat(chat, EngineConfig(max_batch=1, lookahead=chat.lookahead))
+               for name, chat in chats.items()} if args.engine else {}
+
+    def answer(name: str, conversation) -> str:
+        if not engines:
+            return chats[name].answer(conversation, params)
+        engine = engines[name]
+        return "".join(e.text or "" for e in engine.submit(engine.encode(conversation), params))
+
     steps: collections.Counter = collections.Counter()
     call = LlamaStep.__call__
 
@@ -52,21 +65,25 @@ def main() -> None:
     tokens: dict[str, int] = collections.defaultdict(int)
     same, current = True, "warm-up"
     items = make_eval_set(args.n, args.seed)
-    chats["plain"].answer(_ask(items[0], 0, []), params)  # the step's packed weights and lazy set-up
+    for name in chats:  # the step's packed weights and lazy set-up
+        answer(name, _ask(items[0], 0, []))
     for item in items:
         conversation = _ask(item, 0, [])
         answers = {}
-        for current, chat in chats.items():
+        for current in chats:
             start = time.perf_counter()
-            answers[current] = chat.answer(conversation, params)
+            answers[current] = answer(current, conversation)
             seconds[current, item.kind] += time.perf_counter() - start
         tokens[item.kind] += len(processor.tokenizer.encode(answers["plain"], add_special_tokens=False))
         if answers["plain"] != answers["lookahead"]:
             same = False
             print(f"!!! ANSWERS DIFFER on {item.id}:\n  {answers['plain']!r}\n  {answers['lookahead']!r}",
                   file=sys.stderr)
+    for engine in engines.values():
+        engine.close()
     print(f"{args.model}, {args.n} items per task type (seed {args.seed}), lookahead {args.lookahead}, "
-          f"torch threads {torch.get_num_threads()}; first turns, answered one at a time\n")
+          f"torch threads {torch.get_num_threads()}; first turns, answered one at a time"
+          f"{' by the serve engine' if engines else ''}\n")
     print("| task | answer tokens | plain (s) | lookahead (s) | plain tok/s | lookahead tok/s | plain / lookahead |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     kinds = sorted(tokens)
