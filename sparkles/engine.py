@@ -15,24 +15,27 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import GREEDY_BELOW, SamplingParams
+from .config import SamplingParams
 from .errors import ContextLengthError, EngineClosedError, QueueFullError  # noqa: F401 (the server's)
 from .generate import Chat, cache_kwargs, sample
 from .llama_step import LlamaStep
-from .lookahead import Guesser, check
+from .lookahead import Guesser, applies, check
 from .model.layer_state import state_kwargs
 from .prefix import PrefixCache, check_engine, image_keys, kinds_mask, lm_masks
 from .prefix import pad_left as _pad
 from .prefix import plain_layer as _plain
 from .processor import Encoded, TextStream
 from .request import Event, Request
-from .slab import holding, slab_class
+from .slab import holding
 
 log = logging.getLogger(__name__)
 ROW_FAILED = "generation failed for this request"  # one row's error: the others in its batch go on
-# Positions a batch's cache makes room for past its longest row, at most: decoding writes them in place (slab.py);
-# a longer answer grows the buffer by half as it goes, and a short one leaves less memory unused.
-ROOM_AHEAD = 128
+ROOM_AHEAD = 128  # positions a batch cache makes room for past its longest row at most (slab.py grows it after)
+
+
+def _room(width: int, left: list[int]) -> int:
+    """Positions a batch cache of `width` makes room for, given the tokens its rows may still generate."""
+    return width + min(max(left), ROOM_AHEAD)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class Engine:
         # `generate`'s lean decoding step, built once: a served model's weights do not change.
         fits = model.config.attention == "causal" and model.reader is None and LlamaStep.fits(model.lm)
         self._step = LlamaStep(model.lm) if fits else None
+        vocab = model.lm.get_output_embeddings().weight.shape[0]  # image content ids are inputs only, never sampled
+        self._banned = torch.tensor([i for i in model.input_only_ids if i < vocab], dtype=torch.long).to(model.device)
         self.counts = collections.Counter()
         self.prefix = PrefixCache(int(config.prefix_cache_mb * 2**20), processor.config.tokens_per_image)  # thread's
         self._thread = threading.Thread(target=self._run, name="sparkles-engine", daemon=True)
@@ -196,7 +201,6 @@ class Engine:
 
     def _prefill(self, requests: list[Request]) -> None:
         """Prefill new prompts (one by one on a prefix the cache holds, the rest as one batch), then merge them in."""
-        lm = self.chat.model.lm
         keys = [image_keys(r.encoded) if self.prefix.capacity else [] for r in requests]
         found = [self.prefix.lookup(r.encoded.rendered.input_ids, k) for r, k in zip(requests, keys)]
         fresh = [(r, k) for r, k, (n, _) in zip(requests, keys, found) if not n]
@@ -210,8 +214,9 @@ class Engine:
             states = [state for _, _, state, _ in parts]
             signal = None if states[0] is None else type(states[0]).left_padded(states, width)
             # Slabs holding the entry's first `start` positions, copied at the first write: entries are never written.
-            room = start + width + min(max(r.params.max_new_tokens for r, _ in group), ROOM_AHEAD)
-            cache = holding(lm, [(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None, room)
+            room = _room(start + width, [r.params.max_new_tokens for r, _ in group])
+            held = [(k[:, :, :start], v[:, :, :start]) for k, v in hit.layers] if hit else None
+            cache = holding(self.chat.model.lm, held, room)
             logits = self._forward(embeds, mask, cache, signal)
             rows = [self._row(r, ids, k, state and state.tail(1), features)
                     for (r, k), (_, ids, state, features) in zip(group, parts)]
@@ -259,10 +264,9 @@ class Engine:
         self._drop_finished()
         if not self._rows:
             return
-        alone = self._rows[0].request.params if len(self._rows) == 1 and not self._rows[0].broken else None
-        if (self.config.lookahead and alone and alone.temperature < GREEDY_BELOW and alone.repetition_penalty == 1
-                and self._step is not None and bool((self._mask > 0).all())
-                and all(type(layer) is slab_class() for layer in self._cache.layers)):
+        alone = len(self._rows) == 1 and not self._rows[0].broken
+        if (self.config.lookahead and alone and applies(self._step, self._rows[0].request.params, self._cache)
+                and bool((self._mask > 0).all())):
             return self._decode_ahead(self._rows[0])  # a lone greedy row: prompt lookup
         ones = torch.ones(len(self._rows), 1, dtype=self._mask.dtype, device=self._mask.device)
         self._mask = torch.cat([self._mask, ones], dim=1)
@@ -274,15 +278,13 @@ class Engine:
         self._drop_finished()
 
     def _decode_ahead(self, row: _Row) -> None:
-        """A lone greedy row's step with prompt lookup: its last token and up to `lookahead` guessed ones checked
-        at once (lookahead.py); the greedy tokens go out one by one, and the cache keeps the positions fed before
-        the last one out (the last token and the kept guesses before it), as plain steps would leave it."""
+        """A lone greedy row's step with prompt lookup (lookahead.py): the greedy tokens go out one by one, and the
+        cache keeps the positions fed before the last one out, as plain steps would leave it."""
         held, lm, out = self._mask.shape[1], self.chat.model.lm, 0
         row.guesser = row.guesser or Guesser(row.seen[0].tolist())
         guess = row.guesser.guess(min(self.config.lookahead, row.budget - row.produced - 1))
-        banned = [i for i in self.chat.model.input_only_ids if i < lm.get_output_embeddings().weight.shape[0]]
-        best = check(self._step, lm.get_input_embeddings(), self._cache, held, held, int(self._last[0]), guess,
-                     torch.tensor(banned, dtype=torch.long, device=self._last.device))
+        table, token = lm.get_input_embeddings(), int(self._last[0])
+        best = check(self._step, table, self._cache, held, held, token, guess, self._banned)
         while row.finish is None and out < len(best):
             token, out = best[out], out + 1
             row.seen = torch.cat([row.seen, row.seen.new_tensor([[token]])], dim=1)
@@ -307,8 +309,7 @@ class Engine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token under its own sampling parameters; text goes out as it comes."""
-        banned = [i for i in self.chat.model.input_only_ids if i < logits.shape[-1]]  # image content: inputs only
-        logits[:, banned] = float("-inf")
+        logits[:, self._banned] = float("-inf")
         tokens = []
         for i, row in enumerate(rows):
             try:  # one row's failure ends that row only; the others keep decoding
@@ -364,7 +365,7 @@ class Engine:
         self._joinable = self._joinable and all(_plain(layer) for layer in cache.layers)
         if self._rows:
             width = max(self._mask.shape[1], mask.shape[1])
-            room = width + min(max(r.budget - r.produced for r in self._rows + rows), ROOM_AHEAD)
+            room = _room(width, [r.budget - r.produced for r in self._rows + rows])
             cache = holding(self.chat.model.lm, [(torch.cat([_pad(a.keys, width), _pad(b.keys, width)]),
                                                   torch.cat([_pad(a.values, width), _pad(b.values, width)]))
                                                  for a, b in zip(self._cache.layers, cache.layers)], room)
@@ -389,7 +390,7 @@ class Engine:
         # Columns that only the rows that left were using are dead weight in every later step: cut them off.
         lead = int(self._mask.any(dim=0).long().argmax())
         self._mask = self._mask[:, lead:]
-        room = self._mask.shape[1] + min(max(r.budget - r.produced for r in self._rows), ROOM_AHEAD)
+        room = _room(self._mask.shape[1], [r.budget - r.produced for r in self._rows])
         for layer in self._cache.layers:  # new tensors: the next step copies them into a slab with this room
             layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
             layer.reserve = room

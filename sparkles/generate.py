@@ -17,7 +17,7 @@ from .config import GREEDY_BELOW, SamplingParams
 from .conversation import Conversation, Message, Text
 from .errors import ContextLengthError
 from .llama_step import LlamaStep
-from .lookahead import greedy_lookahead
+from .lookahead import applies, greedy_lookahead
 from .model.attention import lm_kwargs
 from .model.layer_state import LayerState, state_kwargs
 from .processor import Processor, TextStream, push_rows
@@ -171,9 +171,8 @@ def generate(lm, embeds: torch.Tensor, params: SamplingParams, *, attention_mask
         yield token
         if stop_ids and bool(done.all()):
             return
-        if not n and lookahead and step is not None and batch == 1 and not holes and not penalised \
-                and params.temperature < GREEDY_BELOW and params.max_new_tokens > 1 \
-                and all(type(layer) is slab_class() for layer in cache.past.layers):
+        if not n and lookahead and batch == 1 and not holes and params.max_new_tokens > 1 \
+                and applies(step, params, cache.past):
             yield from greedy_lookahead(step, table, cache, int(token[0]), int(mask[0].sum()), seen[0].tolist(),
                                         params.max_new_tokens - 1, lookahead=lookahead, stop_ids=stop_ids,
                                         banned=banned, record=record)

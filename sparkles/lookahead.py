@@ -18,6 +18,9 @@ from collections.abc import Iterator
 
 import torch
 
+from .config import GREEDY_BELOW, SamplingParams
+from .slab import slab_class
+
 NGRAMS = (3, 2, 1)  # the suffix lengths looked up, longest first
 
 
@@ -45,6 +48,13 @@ class Guesser:
                 if start is not None:
                     return self.ids[start:start + k]
         return []
+
+
+def applies(step, params: SamplingParams, past) -> bool:
+    """Whether a row may decode with prompt lookup: a lean step (`llama_step.py`), greedy choices that no repetition
+    penalty changes, and a cache of slabs that can be held at any length."""
+    return (step is not None and params.temperature < GREEDY_BELOW and params.repetition_penalty == 1.0
+            and all(type(layer) is slab_class() for layer in past.layers))
 
 
 def greedy_lookahead(step, table, cache, token: int, position: int, context: list[int], budget: int, *,

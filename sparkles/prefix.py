@@ -35,8 +35,7 @@ class Prefix:
     def nbytes(self) -> int:
         """The memory it holds: each storage its keys and values view counted whole (a slab's room ahead too)."""
         extra = 0 if self.features is None else self.features.nbytes
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for pair in self.layers for t in pair}
-        return sum(storages.values()) + self.ids.nbytes + extra
+        return _storage_bytes([t for pair in self.layers for t in pair]) + self.ids.nbytes + extra
 
 
 class PrefixCache:
@@ -119,10 +118,14 @@ def _own(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.
     """`keys` and `values` themselves where they fill at least half of the storage they hold (theirs alone, or one
     slab's), else copies of them alone: a row of a batch, or a short prompt in a roomy buffer, would keep far more
     memory than it counts."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (keys, values)}
-    if 2 * (keys.nbytes + values.nbytes) >= sum(storages.values()):
+    if 2 * (keys.nbytes + values.nbytes) >= _storage_bytes([keys, values]):
         return keys.detach(), values.detach()
     return keys.detach().clone(), values.detach().clone()
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages the tensors view, each counted whole."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def image_keys(encoded) -> list[tuple[int, str]]:
