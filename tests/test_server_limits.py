@@ -221,7 +221,9 @@ def test_the_workers_bound_how_many_requests_are_prepared_at_once(engine, slow_l
 
     async def scenario(client):
         posts = [asyncio.create_task(client.post("/v1/chat/completions", json=body(f"Hello {i}"))) for i in range(6)]
-        await _until(lambda h: h["preparing"]["busy"] == 2 and h["preparing"]["waiting"] == 4, client)
+        # busy counts a worker before it reaches the loader: wait for both inside, or the release could come first
+        await _until(lambda h: h["preparing"]["busy"] == 2 and h["preparing"]["waiting"] == 4
+                     and slow_loads.inside == 2, client)
         slow_loads.release.set()
         return await asyncio.gather(*posts)
 
