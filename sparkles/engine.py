@@ -196,7 +196,7 @@ class Engine:
                 if request.cancelled:
                     self._end(_Row.waiting(request), "cancelled")
                 else:
-                    joining.append(request)
+                    joining.append(request.start())
             return joining
 
     def _prefill(self, requests: list[Request]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ class Request:
         self._queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
         self._cancelled = threading.Event()
         self.done = False  # set by the engine once the final event is out
+        # time.monotonic() of its life, for the server's metrics: queued, taken into the batch, first text, end
+        self.submitted, self.started, self.first_text, self.ended = time.monotonic(), None, None, None
 
     @property
     def cancelled(self) -> bool:
@@ -50,7 +53,16 @@ class Request:
         """Stop generating at the next step; the reader gets a final event with finish_reason "cancelled"."""
         self._cancelled.set()
 
+    def start(self) -> Request:
+        """The engine takes it into the batch now."""
+        self.started = time.monotonic()
+        return self
+
     def emit(self, event: Event) -> None:
+        if event.text and self.first_text is None:
+            self.first_text = time.monotonic()
+        if event.finish_reason is not None:
+            self.ended = time.monotonic()
         if self._loop is None:
             self._queue.put(event)
             return

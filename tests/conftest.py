@@ -76,3 +76,33 @@ def logits(model, processor, conversation) -> torch.Tensor:
     encoded = processor.encode(conversation, generation=True)
     with torch.no_grad():
         return model(torch.tensor([encoded.rendered.input_ids]), encoded.pixel_values).logits[0]
+
+
+@pytest.fixture
+def live(chat):
+    """A real uvicorn server on 127.0.0.1 in a thread, over the test module's `chat` fixture: (its URL, the app). It
+    stops by itself, forced if a stream hangs on."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from sparkles.serve.server import ServeConfig, create_app
+
+    app = create_app(chat, ServeConfig())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(5)
+    if thread.is_alive():
+        server.force_exit = True
+        thread.join(5)
+    assert not thread.is_alive()

@@ -5,7 +5,6 @@ import asyncio
 import base64
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -516,30 +515,6 @@ def test_cancelling_stops_generation(chat):
         engine.close()
     assert last.finish_reason == "cancelled" and last.completion_tokens < 900
     assert engine.stats()["cancelled"] == 1 and engine.stats()["running"] == 0
-
-
-@pytest.fixture
-def live(chat):
-    """A real uvicorn server on 127.0.0.1 in a thread; it stops by itself, forced if a stream hangs on."""
-    import uvicorn
-
-    app = create_app(chat, ServeConfig())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(5)
-    if thread.is_alive():
-        server.force_exit = True
-        thread.join(5)
-    assert not thread.is_alive()
 
 
 def test_the_openai_client_talks_to_a_live_server_with_two_images(live, chat):

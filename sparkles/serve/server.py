@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server: GET /v1/models, POST /v1/chat/completions (JSON and SSE), GET /health.
+"""The OpenAI-compatible HTTP server: GET /v1/models, POST /v1/chat/completions (JSON and SSE), GET /health,
+GET /metrics (Prometheus).
 
 An I/O edge: it reads bodies within a server-wide budget (inflight.py), checks requests, loads images by the
 server's rules (images.py), hands conversations to the batching `Engine`, and answers every error with OpenAI's
@@ -20,6 +21,7 @@ from ..errors import ConfigError, ContextLengthError, ImageLoadError, ImageTimeo
 from .images import allowed_path, fetch_image, load_request_images, load_source, peek_pixels  # noqa: F401
 from .inflight import BodyBudget, read_json
 from .limits import Workers, check_text, release_memory, text_limit
+from .metrics import CONTENT_TYPE, ServerMetrics
 from .requests import ApiError, ChatRequest, check_conversation, parse_request  # noqa: F401 (ApiError: re-exported)
 
 log = logging.getLogger(__name__)
@@ -89,9 +91,11 @@ def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
     app = FastAPI(title="Sparkles", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config, app.state.created = engine, config, int(time.time())
     app.state.workers, app.state.light, app.state.bodies = workers, light, bodies
+    app.state.metrics = ServerMetrics(config.model_name, engine, workers, light, bodies)
     app.state.max_text_chars = config.max_text_chars or text_limit(engine.processor.config.max_seq_len,
                                                                    engine.processor.tokenizer)
     app.add_route("/health", _health, methods=["GET"])
+    app.add_route("/metrics", _metrics, methods=["GET"])
     app.add_route("/v1/models", _models, methods=["GET"])
     app.add_route("/v1/chat/completions", _completions, methods=["POST"])
     app.add_exception_handler(HTTPException, lambda http, e: _error_response(ApiError(e.status_code, e.detail)))
@@ -113,6 +117,11 @@ async def _health(http):
                   "bodies": state.bodies.stats()}, 200 if status == "ok" else 503)
 
 
+async def _metrics(http):
+    from starlette.responses import Response
+    return Response(http.app.state.metrics.text(), media_type=CONTENT_TYPE)
+
+
 async def _models(http):
     state = http.app.state
     card = {"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "sparkles",
@@ -123,16 +132,23 @@ async def _models(http):
 async def _completions(http):
     from starlette.responses import StreamingResponse
 
+    arrived, metrics = time.monotonic(), http.app.state.metrics
     try:
         handle, stream, include_usage = await _prepare(http, http.app.state)
     except Exception as e:  # every failure becomes an OpenAI error body; only ours carry their message
-        return _error_response(e)
+        response = _error_response(e)
+        metrics.refuse(response.status_code)
+        return response
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": http.app.state.config.model_name}
+
+    def ended(last):
+        metrics.finish(handle, arrived, last)
+
     if stream:
-        return StreamingResponse(_sse(handle, include_usage, meta), media_type="text/event-stream",
+        return StreamingResponse(_sse(handle, include_usage, meta, ended), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _complete(handle, http, meta)
+    return await _complete(handle, http, meta, ended)
 
 
 async def _prepare(http, state):
@@ -206,21 +222,23 @@ def _error_response(e: Exception):
     return _json(body, e.status, headers)
 
 
-async def _complete(handle, http, meta: dict):
-    """Gather the whole answer; a client that hangs up cancels its generation."""
+async def _complete(handle, http, meta: dict, ended):
+    """Gather the whole answer; a client that hangs up cancels its generation. `ended(last event or None)` at the
+    end, for the metrics."""
 
     async def watch():
         while (await http.receive())["type"] != "http.disconnect":
             pass
         handle.cancel()
 
-    watcher, pieces = asyncio.create_task(watch()), []
+    watcher, pieces, last = asyncio.create_task(watch()), [], None
     try:
         async for last in handle.events():
             pieces.append(last.text)
     finally:
         watcher.cancel()
         handle.cancel()
+        ended(last)
     if last.error and last.error.startswith(ROW_FAILED):  # this request alone failed: retrying will not help
         return _error_response(ApiError(500, last.error, kind="server_error"))
     if last.finish_reason in ("error", "cancelled"):
@@ -230,16 +248,19 @@ async def _complete(handle, http, meta: dict):
     return _json({**meta, "object": "chat.completion", "choices": [choice], "usage": last.usage})
 
 
-async def _sse(handle, include_usage: bool, meta: dict):
-    """`chat.completion.chunk` events ending in ``data: [DONE]``; leaving early (a disconnect) cancels generation."""
+async def _sse(handle, include_usage: bool, meta: dict, ended):
+    """`chat.completion.chunk` events ending in ``data: [DONE]``; leaving early (a disconnect) cancels generation.
+    `ended(final event, or None where the client left first)` at the end, for the metrics."""
 
     def data(delta: dict | None, finish: str | None = None, **extra) -> str:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
         return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
 
+    last = None
     try:
         yield data({"role": "assistant", "content": ""})
         async for event in handle.events():
+            last = event if event.finish_reason else None
             if event.text:
                 yield data({"content": event.text})
             if event.finish_reason in ("error", "cancelled"):  # the stream has begun: the error goes in it
@@ -252,13 +273,15 @@ async def _sse(handle, include_usage: bool, meta: dict):
         yield "data: [DONE]\n\n"
     finally:
         handle.cancel()
+        ended(last)
 
 
 # The command
 
 
 def add_cli(commands) -> None:
-    serve = commands.add_parser("serve", help="an OpenAI-compatible server: /v1/chat/completions, /v1/models, /health")
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server: /v1/chat/completions, /v1/models, "
+                                               "/health, /metrics")
     serve.add_argument("--model", default=None, help="checkpoint folder, or 'default' (the embedded model)")
     serve.add_argument("--served-model-name", dest="model_name", default="sparkles", help="the model id clients send")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
