@@ -69,16 +69,17 @@ class ServerMetrics:
         self.refused.labels(self.model, str(status)).inc()
 
     def finish(self, request: Request, arrived: float, last: Event | None) -> None:
-        """Observe a request that ended: `last` its final event, or None where the client left before it."""
-        end = request.ended or time.monotonic()
-        self.ended.labels(self.model, last.finish_reason if last is not None else "cancelled").inc()
+        """Observe a request that ended: `last` its final event, else (the client left before it) None or the last
+        event read."""
+        end, final = request.ended or time.monotonic(), last is not None and last.finish_reason is not None
+        self.ended.labels(self.model, last.finish_reason if final else "cancelled").inc()
         self.e2e.observe(end - arrived)
         self.prepare.observe(request.submitted - arrived)
         if request.started is not None:
             self.queue.observe(request.started - request.submitted)
         if request.first_text is not None:
             self.ttft.observe(request.first_text - arrived)
-        if last is None or last.finish_reason is None:
+        if not final:
             return
         self.prompt.observe(last.prompt_tokens)
         self.generated.observe(last.completion_tokens)
