@@ -1,8 +1,13 @@
-"""The server's prefix cache: time to first token with `--prefix-cache-mb` at its default against 0 (off), over real
-HTTP and SSE, on a replayed 4-turn conversation and on 16 concurrent clients that share a system prompt and images.
+"""The server's caches across requests: time to first token with `--prefix-cache-mb` and `--image-cache-mb` at their
+defaults against 0 (off), over real HTTP and SSE, on a replayed 4-turn conversation and on 16 concurrent clients
+that share a system prompt and images.
 
     python bench/bench_prefix.py [--repeats 3] [--max-tokens 8] [--clients 16] [--threads 1] [--json PATH]
-                                 [--model sparkles/assets/default]
+                                 [--model sparkles/assets/default] [--photos]
+
+The prefix cache spares the KV of what a request shares with an earlier one; the image cache spares decoding and
+preprocessing the images it resends. The images are 96 px PNG drawings, or with `--photos` 1024 x 768 JPEGs (what
+a phone sends), whose decoding and resizing cost some 30 ms each on one core.
 
 1. **Conversation.** A system prompt and four user turns; turns 1-3 bring new images (2, 2, 1; 96 px PNGs as data:
    URLs), turn 4 none. It is replayed as a client replays it: request k carries the whole history, the earlier
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -46,6 +52,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # The same random model as bench_session.py and the same in-process server as bench_serve.py (run as scripts, the
@@ -72,18 +79,32 @@ QUESTIONS = ["What colour is the big shape in IMAGE#1?", "How many shapes are in
              "What differs between IMAGE#1 and IMAGE#2?", "Is any shape red?", "Count the triangles.",
              "Where is the smallest shape?", "Which shape in IMAGE#2 is largest?", "Give IMAGE#1 a title."]
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "teal"]
-def serve(chat: Chat, prefix_cache_mb: float) -> Server:
-    """A server in this process with the prefix cache on (its size in MB) or off (0)."""
-    return Server(create_app(chat, ServeConfig(prefix_cache_mb=prefix_cache_mb)))
+def serve(chat: Chat, caches: tuple[float, float]) -> Server:
+    """A server in this process with its caches across requests on (prefix, image: sizes in MB) or off (0, 0)."""
+    prefix_cache_mb, image_cache_mb = caches
+    return Server(create_app(chat, ServeConfig(prefix_cache_mb=prefix_cache_mb, image_cache_mb=image_cache_mb)))
 
 
+PHOTOS = False  # --photos: 1024 x 768 JPEGs, as a phone or camera sends them, instead of 96 px PNG drawings
+
+
+@functools.cache
 def image_url(i: int) -> str:
-    """A 96 px PNG with two shapes, different for every `i`."""
-    image = PILImage.new("RGB", (96, 96), COLORS[i % len(COLORS)])
+    """A 96 px PNG with two shapes, or with --photos a 1024 x 768 JPEG (quality 90, noisy gradients and the same
+    shapes, about 280 kB), different for every `i`."""
+    scale = 1024 / 96 if PHOTOS else 1
+    size = (1024, 768) if PHOTOS else (96, 96)
+    image = PILImage.new("RGB", size, COLORS[i % len(COLORS)])
+    if PHOTOS:
+        rng = np.random.default_rng(i)
+        y, x = np.mgrid[0:size[1], 0:size[0]]
+        light = np.stack([(x / 4 + 30 * i) % 256, (y / 3) % 256, ((x + y) / 5) % 256], -1)
+        image = PILImage.fromarray((0.5 * np.asarray(image) + 0.5 * light + rng.normal(0, 12, light.shape))
+                                   .clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    draw.rectangle((8 + 3 * i, 10, 40 + 3 * i, 44), fill=COLORS[(i + 3) % len(COLORS)])
-    draw.ellipse((50, 48 - 2 * i, 86, 84 - 2 * i), fill=COLORS[(i + 5) % len(COLORS)])
-    return to_data_uri(image)
+    draw.rectangle(tuple(round(v * scale) for v in (8 + 3 * i, 10, 40 + 3 * i, 44)), fill=COLORS[(i + 3) % len(COLORS)])
+    draw.ellipse(tuple(round(v * scale) for v in (50, 48 - 2 * i, 86, 84 - 2 * i)), fill=COLORS[(i + 5) % len(COLORS)])
+    return to_data_uri(image, "JPEG" if PHOTOS else "PNG")
 
 
 def user_turn(text: str, images: list[str]) -> dict:
@@ -150,11 +171,11 @@ async def burst(url: str, clients: int, max_tokens: int, offset: int) -> dict:
             "hits": stats["hits"], "misses": stats["misses"], "tokens_reused": stats["tokens_reused"]}
 
 
-def one_round(chat: Chat, mb: float, args) -> dict:
+def one_round(chat: Chat, caches: tuple[float, float], args) -> dict:
     """A fresh server: the conversation, then on another fresh one the two bursts (each with an empty cache)."""
-    with serve(chat, mb) as url:
+    with serve(chat, caches) as url:
         turns = asyncio.run(conversation(url, args.max_tokens))
-    with serve(chat, mb) as url:
+    with serve(chat, caches) as url:
         cold = asyncio.run(burst(url, args.clients, args.max_tokens, 0))
         cold_stats = {k: cold[k] for k in ("hits", "misses", "tokens_reused")}
         warm = asyncio.run(burst(url, args.clients, args.max_tokens, args.clients))
@@ -171,6 +192,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients of the shared-prefix bursts")
     parser.add_argument("--prefix-cache-mb", type=float, default=ServeConfig.prefix_cache_mb,
                         help="the cache-on variant's size (the cache-off one has 0)")
+    parser.add_argument("--image-cache-mb", type=float, default=ServeConfig.image_cache_mb,
+                        help="the cache-on variant's image cache (the cache-off one has 0)")
+    parser.add_argument("--photos", action="store_true", help="1024 x 768 JPEG photos instead of 96 px drawings")
     parser.add_argument("--template", default="chat_template", choices=["chat_template", "sparkles"],
                         help="ChatML turns, or SparklesChat's ###Human: turns (see the docstring)")
     parser.add_argument("--model", metavar="DIR", help="a trained checkpoint (say sparkles/assets/default) instead "
@@ -179,6 +203,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads; on a shared machine use 1")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
+    global PHOTOS
+    PHOTOS = args.photos
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:
@@ -189,8 +215,8 @@ def main() -> None:
     else:
         model, processor = bench_model(args.device, args.template)
     chat = Chat(model, processor)
-    variants = {"on": args.prefix_cache_mb, "off": 0.0}
-    with serve(chat, 0) as url:  # warm-up: the first forward passes of a process pay for lazy initialisation
+    variants = {"on": (args.prefix_cache_mb, args.image_cache_mb), "off": (0.0, 0.0)}
+    with serve(chat, (0.0, 0.0)) as url:  # warm-up: the first forward passes of a process pay for lazy initialisation
         asyncio.run(conversation(url, 2))
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     started = time.perf_counter()
@@ -200,7 +226,9 @@ def main() -> None:
     results = summarise(runs)
     results["config"] = {"template": args.template, "device": args.device, "threads": torch.get_num_threads(),
                          "repeats": args.repeats, "max_tokens": args.max_tokens, "clients": args.clients,
-                         "prefix_cache_mb": args.prefix_cache_mb, "seconds": round(time.perf_counter() - started)}
+                         "prefix_cache_mb": args.prefix_cache_mb, "image_cache_mb": args.image_cache_mb,
+                         "images": "1024 x 768 JPEG photos" if args.photos else "96 px PNG drawings",
+                         "seconds": round(time.perf_counter() - started)}
     table = report(results)
     print(table)
     if args.json:
@@ -247,7 +275,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
 
 def report(results: dict) -> str:
     c = results["config"]
-    lines = [f"prefix cache on ({c['prefix_cache_mb']:g} MB) vs off (0), {c['template']} template, {c['device']}, "
+    lines = [f"caches on (prefix {c['prefix_cache_mb']:g} MB, images {c['image_cache_mb']:g} MB) vs off (0), "
+             f"{c['images']}, {c['template']} template, {c['device']}, "
              f"torch threads {c['threads']}, greedy, {c['max_tokens']} tokens per answer, median of {c['repeats']} "
              f"rounds (variants alternating), {c['seconds']} s in all", "",
              "| turn | new images | prompt tokens | reused (cache on) | TTFT off (ms) | TTFT on (ms) | off / on | "

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from .conversation import Conversation, Message
 from .conversation import Image as ConversationImage
 from .errors import ImageLoadError, ImageTimeoutError
+from .image_cache import ImageCache
 
 DEFAULT_MAX_BYTES = 20 * 2**20  # refuse sources larger than this
 DEFAULT_MAX_PIXELS = 6000 * 6000  # refuse images whose width*height exceeds this (decompression bombs)
@@ -71,13 +72,15 @@ def load_image(
     root: str | os.PathLike | None = None,
     check_size: Callable[[tuple[int, int]], None] | None = None,
     deadline: float | None = None,
+    cache: ImageCache | None = None,
 ) -> LoadedImage:
     """Load `source` (a path, bytes, data: URI, http(s) URL or PIL image) as RGB pixels; see the module docstring.
 
     `check_size((width, height))` runs on the size the header gives, before any pixel is decoded, and may raise: a
     caller's own budget (the server's pixels per request) refuses a large image at the cost of reading its header.
     `deadline` (a `time.monotonic()` time) ends reading a file or URL between chunks with an `ImageTimeoutError`: a
-    caller's total for several images. One read blocked inside the OS is not interrupted (see the README)."""
+    caller's total for several images. One read blocked inside the OS is not interrupted (see the README). With a
+    `cache` (image_cache.py), bytes decoded before give the pixels kept then, after the same size checks."""
     if isinstance(source, Image.Image):
         # _decode loads it, so tobytes() below is cheap
         pixels = _decode(lambda: source, "<PIL image>", max_pixels, check_size)
@@ -86,8 +89,17 @@ def load_image(
         digest.update(source.tobytes())
         return LoadedImage(pixels, digest.hexdigest(), "<PIL image>")
     data, label = _read_source(source, allow_http, max_bytes, timeout, root, deadline)
+    sha = image_sha256(data)
+    held = cache.get(("pixels", sha)) if cache is not None else None
+    if held is not None:  # decoded before: the checks its header met then, against this call's limits
+        _check_pixels(held.size, label, max_pixels)
+        if check_size is not None:
+            check_size(held.size)
+        return LoadedImage(held, sha, label)
     pixels = _decode(lambda: Image.open(io.BytesIO(data)), label, max_pixels, check_size)
-    return LoadedImage(pixels, image_sha256(data), label)
+    if cache is not None:
+        cache.put(("pixels", sha), pixels, pixels.width * pixels.height * len(pixels.getbands()))
+    return LoadedImage(pixels, sha, label)
 
 
 def _read_source(source, allow_http: bool, max_bytes: int, timeout: float, root, deadline) -> tuple[bytes, str]:

@@ -19,6 +19,7 @@ from PIL import Image as PILImage
 from .config import ModelConfig, VisionConfig, check_reader_switches
 from .conversation import Conversation, Image, validate
 from .errors import ConfigError, ContextLengthError, InputError
+from .image_cache import ImageCache
 from .template import ChatTemplate, LossOn, Piece, SparklesTemplate
 from .tokenizer import ensure_special_token
 
@@ -171,20 +172,33 @@ class Processor:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split)
         return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
-    def pixel_values(self, images: Sequence[Image]) -> torch.Tensor | None:
+    def pixel_values(self, images: Sequence[Image], cache: ImageCache | None = None) -> torch.Tensor | None:
+        """(N, 3, H, W) model inputs of `images`, or (N, V, 3, H, W) with tiles. With a `cache` (image_cache.py),
+        one an image's content hash finds is not made again."""
         missing = [i.name for i in images if i.pixels is None]
         if missing:
             raise InputError(f"images without pixels: {', '.join(missing)}; load them first (image.load_image)")
         if not images:
             return None
-        if self.views > 1:
-            return torch.stack([image_to_views(i.pixels, self.config) for i in images])  # (N, V, 3, H, W)
-        return torch.stack([image_to_tensor(i.pixels, self.config.vision) for i in images])  # (N, 3, H, W)
+        vision = self.config.vision
 
-    def encode(self, conversation: Conversation, *, generation: bool = False, loss_on: LossOn = "all") -> Encoded:
+        def inputs(image: Image) -> torch.Tensor:
+            if self.views > 1:
+                return image_to_views(image.pixels, self.config)
+            return image_to_tensor(image.pixels, vision)
+
+        if cache is None:
+            return torch.stack([inputs(i) for i in images])
+        # What the inputs depend on besides the pixels, so that one cache may serve processors that differ.
+        how = (self.views, self.config.tiles, vision.image_size, tuple(vision.image_mean), tuple(vision.image_std))
+        return torch.stack([inputs(i) if i.sha256 is None else cache.get_or_make(
+            ("inputs", how, i.sha256), lambda i=i: inputs(i), lambda t: t.numel() * t.element_size()) for i in images])
+
+    def encode(self, conversation: Conversation, *, generation: bool = False, loss_on: LossOn = "all",
+               cache: ImageCache | None = None) -> Encoded:
         rendered = self.render(conversation, generation=generation, loss_on=loss_on)
         slots = conversation.slots
-        return Encoded(rendered, self.pixel_values(slots), tuple(i.sha256 for i in slots))
+        return Encoded(rendered, self.pixel_values(slots, cache), tuple(i.sha256 for i in slots))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

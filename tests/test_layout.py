@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparkles"
 # may use each other's modules (the world imports the original's BISON prompt; evaluation imports the world), which
 # the circle check keeps honest.
 LAYERS = [
-    ("data model", {"errors", "registry", "config", "conversation", "formats", "image", "client", "jsonl"}),
+    ("data model", {"errors", "registry", "config", "conversation", "formats", "image", "image_cache", "client",
+                    "jsonl"}),
     ("rendering", {"template", "tokenizer", "processor"}),
     ("model", {"model"}),
     ("inference", {"generate", "slab", "llama_step", "lookahead", "request", "session", "batch_session", "prefix",

@@ -81,6 +81,10 @@ def test_metrics_count_the_requests_answers_errors_and_prefix_cache(chat):
         assert total(samples, f"sparkles_prefix_cache_{name}_total") == cache[key]
     assert total(samples, "sparkles_prefix_cache_bytes") == cache["bytes"] > 0
     assert total(samples, "sparkles_num_requests_running") == 0
+    images = health["image_cache"]  # the follow-up sent the same two images: decoded and preprocessed once
+    assert total(samples, "sparkles_image_cache_hits_total", kind="pixels") == images["pixels_hits"] == 2
+    assert total(samples, "sparkles_image_cache_hits_total", kind="inputs") == images["inputs_hits"] == 2
+    assert total(samples, "sparkles_image_cache_bytes") == images["bytes"] > 0
     assert total(samples, "sparkles_prepare_workers", pool="heavy") == ServeConfig.workers
 
 

@@ -299,10 +299,10 @@ def test_a_request_of_small_images_is_prepared_while_heavy_ones_hold_every_worke
     has a thread of its own and is answered before any of them."""
     release, real = threading.Event(), server.load_request_images
 
-    def load(conversation, *args):
+    def load(conversation, *args, **kwargs):
         if any(not (image.source or "").startswith("data:") for image in conversation.slots):
             assert release.wait(30), "the test never released the heavy loads"
-        return real(conversation, *args)
+        return real(conversation, *args, **kwargs)
 
     monkeypatch.setattr(server, "load_request_images", load)
     app = create_app(engine, ServeConfig(allowed_image_dir=str(picture_dir), workers=1, max_waiting=4))

@@ -147,7 +147,12 @@ def test_the_budget_is_for_the_whole_request_and_stops_at_the_image_that_overdra
     assert decodes == [(600, 600)] * 3  # the fourth never decoded
     decodes.clear()
     response = client.post("/v1/chat/completions", json=body(content[1:]))
-    assert response.status_code == 200 and decodes == [(600, 600)] * 3
+    # Blue and green were decoded for the first request and kept (the image cache): only white is decoded now.
+    assert response.status_code == 200 and decodes == [(600, 600)]
+    decodes.clear()
+    response = client.post("/v1/chat/completions", json=body(content))
+    assert response.status_code == 413 and "brings the total to 1440000" in response.json()["error"]["message"]
+    assert decodes == []  # every image was kept, yet each still counts against the request's budget
 
 
 def test_a_file_over_the_budget_is_refused_without_decoding_and_without_its_real_path(engine, decodes, tmp_path):
@@ -189,14 +194,14 @@ def slow_loads(monkeypatch):
 
     gate, real = Gate(), server.load_request_images
 
-    def load(*args):
+    def load(*args, **kwargs):
         with gate.lock:
             gate.inside += 1
             gate.peak = max(gate.peak, gate.inside)
         gate.entered.set()
         try:
             assert gate.release.wait(30), "the test never released the loader"
-            return real(*args)
+            return real(*args, **kwargs)
         finally:
             with gate.lock:
                 gate.inside -= 1

@@ -54,10 +54,11 @@ def peek_pixels(conversation: Conversation, max_images: int) -> int | None:
     return total
 
 
-def load_request_images(conversation: Conversation, config, max_images: int, deadline: float | None = None
-                        ) -> Conversation:
+def load_request_images(conversation: Conversation, config, max_images: int, deadline: float | None = None,
+                        cache=None) -> Conversation:
     """Load every image of a request under the server's rules, counting them before decoding any, all of them by
-    `deadline` (a `time.monotonic()` time; None: `config.image_timeout` from now)."""
+    `deadline` (a `time.monotonic()` time; None: `config.image_timeout` from now); bytes decoded for an earlier
+    request are not decoded again where `cache` (an `ImageCache`) holds them."""
     if (count := len(conversation.slots)) > max_images:
         raise InputError(f"too many images: {count}; this server takes at most {max_images} per request")
 
@@ -71,16 +72,16 @@ def load_request_images(conversation: Conversation, config, max_images: int, dea
             raise ImageTimeoutError(f"the images of this request were not loaded within {config.image_timeout:g} s "
                                     f"(the limit per request); {part.name} and later were not reached")
         loaded = load_source(part.source, config, check_size=lambda size: budget.take(size, part.name),
-                             deadline=deadline)
+                             deadline=deadline, cache=cache)
         return replace(part, pixels=loaded.pixels, sha256=loaded.sha256)
     messages = tuple(Message(m.role, tuple(load(p) for p in m.parts)) for m in conversation.messages)
     return replace(conversation, messages=messages)
 
 
-def load_source(source: str, config, check_size=None, deadline: float | None = None):
+def load_source(source: str, config, check_size=None, deadline: float | None = None, cache=None):
     """A data: URL, a file under the allowed folder (a path or file:// URL), or a public http(s) URL."""
     limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels, "check_size": check_size,
-              "deadline": deadline}
+              "deadline": deadline, "cache": cache}
     scheme = urlsplit(source).scheme.lower()
     if scheme == "data":
         return load_image(source, **limits)

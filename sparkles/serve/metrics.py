@@ -5,8 +5,8 @@ gets, the time a token after that, the whole request, and the parts before gener
 images loaded, text tokenized; queueing: waiting to join the batch); its prompt and generated tokens. Counters: the
 requests that ended, by how (stop, length, cancelled, error), and the ones refused before generating, by HTTP
 status. Read at each scrape, the counts `/health` shows: the batch (running, waiting), the prefix cache (hits,
-misses, positions reused, bytes held, entries stored and evicted), prompt lookup, the workers that prepare requests
-and the request bodies in flight.
+misses, positions reused, bytes held, entries stored and evicted), the image cache, prompt lookup, the workers that
+prepare requests and the request bodies in flight.
 
 Names follow Prometheus's rules (base units, `_total` for counters) and vLLM's where it has the same measure
 (`sparkles_time_to_first_token_seconds` is its `vllm:time_to_first_token_seconds`), each labelled with the model's
@@ -31,12 +31,12 @@ class ServerMetrics:
     """The per-request measures, filled by the server as requests end, and a collector of the live counts of
     `engine`, the two worker pools and the body budget (their `stats()`), read at each scrape."""
 
-    def __init__(self, model_name: str, engine, workers, light, bodies):
+    def __init__(self, model_name: str, engine, workers, light, bodies, images=None):
         from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
         disable_created_metrics()  # no `_created` series beside every counter: a dashboard never reads them
         self.registry, self.model = CollectorRegistry(), model_name
-        self._sources = (engine, workers, light, bodies)
+        self._sources, self._images = (engine, workers, light, bodies), images
 
         def histogram(name, doc, buckets):
             return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(model_name)
@@ -142,6 +142,20 @@ class ServerMetrics:
             for pool, values in pools:
                 family.add_metric([self.model, pool], float(values[key]))
             yield family
+        if self._images is not None:
+            images = self._images.stats()
+            for name, doc, suffix in (("sparkles_image_cache_hits", "Images found decoded (pixels) or preprocessed "
+                                       "(inputs) for an earlier request.", "hits"),
+                                      ("sparkles_image_cache_misses", "Images decoded or preprocessed anew.",
+                                       "misses")):
+                family = CounterMetricFamily(name, doc, labels=["model_name", "kind"])
+                for kind in ("pixels", "inputs"):
+                    family.add_metric([self.model, kind], images[f"{kind}_{suffix}"])
+                yield family
+            yield gauge("sparkles_image_cache_bytes", "Memory the kept images take.", images["bytes"])
+            yield gauge("sparkles_image_cache_entries", "Decoded images and inputs kept.", images["entries"])
+            yield counter("sparkles_image_cache_evicted", "Entries evicted to stay within the bound.",
+                          images["evicted"])
         held = bodies.stats()
         yield gauge("sparkles_body_bytes", "Bytes of request bodies being read, parsed or prepared.", held["bytes"])
         yield gauge("sparkles_body_limit_bytes", "The bound on those bytes.", held["limit"])

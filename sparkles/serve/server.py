@@ -18,6 +18,7 @@ from pathlib import Path
 from ..conversation import Conversation
 from ..engine import ROW_FAILED, Engine, EngineClosedError, EngineConfig, QueueFullError
 from ..errors import ConfigError, ContextLengthError, ImageLoadError, ImageTimeoutError, SparklesError
+from ..image_cache import ImageCache
 from .images import allowed_path, fetch_image, load_request_images, load_source, peek_pixels  # noqa: F401
 from .inflight import BodyBudget, read_json
 from .limits import Workers, check_text, release_memory, text_limit
@@ -54,6 +55,7 @@ class ServeConfig:
     max_batch: int = 8  # rows the engine decodes together (when the server builds the engine)
     max_queue: int = 64  # requests waiting to join the batch; past this the server answers 429
     prefix_cache_mb: float = 1024  # KV of recent prompts, to resume requests that start alike (their history); 0 = off
+    image_cache_mb: float = 256  # decoded images and their model inputs, by content hash (image_cache.py); 0 = off
 
 
 # The app
@@ -91,7 +93,8 @@ def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
     app = FastAPI(title="Sparkles", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config, app.state.created = engine, config, int(time.time())
     app.state.workers, app.state.light, app.state.bodies = workers, light, bodies
-    app.state.metrics = ServerMetrics(config.model_name, engine, workers, light, bodies)
+    app.state.images = ImageCache(int(config.image_cache_mb * 2**20)) if config.image_cache_mb > 0 else None
+    app.state.metrics = ServerMetrics(config.model_name, engine, workers, light, bodies, app.state.images)
     app.state.max_text_chars = config.max_text_chars or text_limit(engine.processor.config.max_seq_len,
                                                                    engine.processor.tokenizer)
     app.add_route("/health", _health, methods=["GET"])
@@ -113,8 +116,9 @@ async def _health(http):
     state = http.app.state
     engine, workers, light = state.engine, state.workers.stats(), state.light.stats()
     status = "stopped" if not engine.alive else "degraded" if workers["degraded"] or light["degraded"] else "ok"
-    return _json({"status": status, **engine.stats(), "preparing": workers, "preparing_light": light,
-                  "bodies": state.bodies.stats()}, 200 if status == "ok" else 503)
+    images = state.images.stats() if state.images is not None else None
+    return _json({"status": status, **engine.stats(), "image_cache": images, "preparing": workers,
+                  "preparing_light": light, "bodies": state.bodies.stats()}, 200 if status == "ok" else 503)
 
 
 async def _metrics(http):
@@ -178,17 +182,19 @@ async def _prepare(http, state):
         pixels = peek_pixels(conversation, max_images)
         pool = state.light if pixels is not None and pixels < config.light_pixels else state.workers
         handle = await pool.run(_start, engine, request, conversation, config, asyncio.get_running_loop(),
-                                timeout=2 * config.image_timeout + 1, on_late=lambda late: late.cancel())
+                                state.images, timeout=2 * config.image_timeout + 1,
+                                on_late=lambda late: late.cancel())
         return handle, request.stream, request.include_usage
     finally:
         lease.release()
 
 
-def _start(engine: Engine, request: ChatRequest, conversation: Conversation, config: ServeConfig, loop):
+def _start(engine: Engine, request: ChatRequest, conversation: Conversation, config: ServeConfig, loop,
+           images: ImageCache | None):
     """Load, render and submit (in a worker thread: images decode here, not on the event loop)."""
     max_images = config.max_images or engine.processor.config.max_images
     try:
-        encoded = engine.encode(load_request_images(conversation, config, max_images))
+        encoded = engine.encode(load_request_images(conversation, config, max_images, cache=images), images)
     finally:
         if conversation.slots:  # the decoded pixels are garbage now, refused or not
             release_memory()
@@ -309,6 +315,8 @@ def add_cli(commands) -> None:
     serve.add_argument("--max-tokens", dest="default_max_tokens", type=int, default=ServeConfig.default_max_tokens,
                        help="when a request has none")
     serve.add_argument("--prefix-cache-mb", type=float, default=ServeConfig.prefix_cache_mb, help="0 turns it off")
+    serve.add_argument("--image-cache-mb", type=float, default=ServeConfig.image_cache_mb,
+                       help="decoded images and their model inputs kept for requests that send them again; 0: off")
     serve.add_argument("--lookahead", type=int, default=0, metavar="K",
                        help="a request decoded alone and greedily checks K tokens guessed from the conversation a step")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
