@@ -190,7 +190,9 @@ class Processor:
         if cache is None:
             return torch.stack([inputs(i) for i in images])
         # What the inputs depend on besides the pixels, so that one cache may serve processors that differ.
-        how = (self.views, self.config.tiles, vision.image_size, tuple(vision.image_mean), tuple(vision.image_std))
+        tiles = self.config.tiles
+        how = (tuple(tiles.grid), tiles.skip_empty, vision.image_size, tuple(vision.image_mean),
+               tuple(vision.image_std))
         return torch.stack([inputs(i) if i.sha256 is None else cache.get_or_make(
             ("inputs", how, i.sha256), lambda i=i: inputs(i), lambda t: t.numel() * t.element_size()) for i in images])
 

@@ -9,6 +9,7 @@ from PIL import Image as PILImage
 
 import sparkles.image as image_module
 import sparkles.processor as processor_module
+from sparkles.config import TileConfig
 from sparkles.conversation import Image
 from sparkles.errors import ImageLoadError
 from sparkles.image import load_image, to_data_uri
@@ -79,6 +80,11 @@ def test_model_inputs_are_made_once_per_image_and_per_way_of_making_them(tiny, m
                        dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=48)))
     assert bigger.pixel_values(images[:1], cache).shape[-1] == 48 and len(made) == 5  # its own inputs, not 32 px
     assert cache.stats()["inputs_hits"] == 4  # red again in the first call, all three in the second
+    tiled = Processor(processor.tokenizer, dataclasses.replace(config, tiles=TileConfig(grid=(2, 2))))
+    views = tiled.pixel_values(images, cache)  # the global view and four tiles each: not the plain inputs held
+    assert tuple(views.shape[:2]) == (2, 5) and views.equal(tiled.pixel_values(images))
+    before = len(made)
+    assert tiled.pixel_values(images, cache).equal(views) and len(made) == before
 
 
 def test_a_server_decodes_each_image_once_across_turns_and_answers_as_without_the_cache(tiny, decodes):
