@@ -556,3 +556,5 @@ def test_the_serve_command_line():
     assert args.host == "127.0.0.1" and args.run.__module__ == "sparkles.serve.server"
     assert args.prefix_cache_mb == ServeConfig.prefix_cache_mb
     assert _parser("serve").parse_args(["serve", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
+    assert args.image_cache_mb == ServeConfig.image_cache_mb
+    assert _parser("serve").parse_args(["serve", "--image-cache-mb", "0"]).image_cache_mb == 0
