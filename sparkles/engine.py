@@ -238,8 +238,7 @@ class Engine:
             features = self.chat.images(encoded)
         else:
             held = sum(s < start for s in encoded.rendered.image_starts)  # whole images the prefix holds (`_common`)
-            later = (model.encode_images(encoded.pixel_values[held:]) if len(encoded.rendered.image_starts) > held
-                     else None)
+            later = self.chat.encode(encoded, range(held, len(encoded.rendered.image_starts)))
             features = hit.features[:held] if later is None else torch.cat([hit.features[:held], later])
             features = features if len(features) else None  # a text-only prompt, as `Chat.images` gives it
         ids = torch.tensor([encoded.rendered.input_ids], device=model.device)

@@ -217,10 +217,13 @@ def nn_pad_left(x: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
 
 class Chat:
     """Model + processor: a conversation in, the assistant's answer out, streamed as text. `lookahead` > 0: greedy
-    answers check that many guessed tokens a step (`lookahead.py`)."""
+    answers check that many guessed tokens a step (`lookahead.py`). `features`, an `ImageCache` (the server's), keeps
+    each image's encoding by its content hash for later prompts that show it again: a server's prefix cache holds
+    an image only where the prompt before it is the same, and an edited or differently begun conversation would
+    encode it again. The model must not change while it is set."""
 
-    def __init__(self, model, processor: Processor, *, lookahead: int = 0):
-        self.model, self.processor, self.lookahead = model, processor, lookahead
+    def __init__(self, model, processor: Processor, *, lookahead: int = 0, features=None):
+        self.model, self.processor, self.lookahead, self.features = model, processor, lookahead, features
 
     @torch.inference_mode()
     def stream(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Iterator[str]:
@@ -279,8 +282,7 @@ class Chat:
         if not start:
             return self.model.embed(ids, self.images(encoded)), text
         later = [i for i, s in enumerate(encoded.rendered.image_starts) if s >= start]
-        images = self.model.encode_images(encoded.pixel_values[later]) if later else None  # (N', K, D)
-        return self.model.embed(ids[:, start:], images), text
+        return self.model.embed(ids[:, start:], self.encode(encoded, later)), text
 
     def reply(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Conversation:
         """The conversation with the model's answer appended as an assistant message."""
@@ -289,11 +291,22 @@ class Chat:
     def images(self, encoded) -> torch.Tensor | None:
         """(N, K, D) features of an encoded prompt's images, in slot order: each distinct image is encoded once,
         even when several slots show it."""
-        if encoded.pixel_values is None:
+        return None if encoded.pixel_values is None else self.encode(encoded, range(len(encoded.image_hashes)))
+
+    def encode(self, encoded, slots) -> torch.Tensor | None:
+        """(len(slots), K, D) features of the images in `slots`, each distinct one encoded once (those `features`
+        holds not at all), the rest in one call of the tower."""
+        slots = list(slots)
+        if not slots:
             return None
-        first: dict[str, int] = {}
-        index = [first.setdefault(h, i) if h is not None else i for i, h in enumerate(encoded.image_hashes)]
-        unique = sorted(set(index))
-        features = self.model.encode_images(encoded.pixel_values[unique])  # (U, K, D)
-        where = {slot: n for n, slot in enumerate(unique)}
-        return features[[where[i] for i in index]]  # (N, K, D)
+        cache, hashes = self.features, encoded.image_hashes
+        keys = [hashes[i] if hashes[i] is not None else i for i in slots]  # a slot without a hash is its own image
+        held = {k: cache.get(("features", k)) for k in dict.fromkeys(keys) if isinstance(k, str)} if cache else {}
+        new = [k for k in dict.fromkeys(keys) if held.get(k) is None]
+        if new:
+            fresh = self.model.encode_images(encoded.pixel_values[[slots[keys.index(k)] for k in new]])  # (U, K, D)
+            for k, f in zip(new, fresh):
+                held[k] = f
+                if cache is not None and isinstance(k, str):  # a copy: a view would keep the whole batch alive
+                    cache.put(("features", k), f.clone(), f.numel() * f.element_size())
+        return torch.stack([held[k] for k in keys])

@@ -1,10 +1,13 @@
 """What an image's bytes give, kept for the next request that sends the same bytes: its decoded pixels
-(`image.load_image`) and its model inputs (`Processor.pixel_values`), keyed by the SHA-256 of those bytes.
+(`image.load_image`), its model inputs (`Processor.pixel_values`) and its encoding by the model's tower and
+connector (`Chat.encode`), keyed by the SHA-256 of those bytes.
 
 An OpenAI client sends every image of a conversation again with every turn. The prefix cache spares their encoding
 and prefill, but each request would still decode each image and resize it to the model's inputs: some 30 ms for a
 1024 x 768 JPEG on one core, every image, every turn. With this cache a turn decodes and preprocesses only its new
-images; the others cost their base64 decoding and hashing (about 1 ms).
+images; the others cost their base64 decoding and hashing (about 1 ms). And where the prefix cache cannot help (a
+prompt that differs before the image: an edited first message, a question asked before the image), the image's
+encoding is still found here.
 
 Bounded by bytes (least recently used out first) and safe across the server's worker threads. Its values are shared
 by every request that finds them, so nothing may change them in place: PIL images are converted and resized into
@@ -64,4 +67,4 @@ class ImageCache:
         with self._lock:
             return {"entries": len(self._entries), "bytes": self.nbytes, "capacity_bytes": self.capacity,
                     **{k: self.counts[k] for k in ("pixels_hits", "pixels_misses", "inputs_hits", "inputs_misses",
-                                                   "evicted")}}
+                                                   "features_hits", "features_misses", "evicted")}}

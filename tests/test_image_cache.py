@@ -114,4 +114,34 @@ def test_a_server_decodes_each_image_once_across_turns_and_answers_as_without_th
     plain, decoded_plain, off = replay(0)
     assert cached == plain and off is None
     assert decoded == 2 and decoded_plain == 4  # two turns of the same two images
-    assert stats["pixels_hits"] == 2 and stats["inputs_hits"] == 2 and stats["entries"] == 4
+    assert stats["pixels_hits"] == 2 and stats["inputs_hits"] == 2 and stats["entries"] == 6  # and the features
+
+
+def test_an_image_shown_after_a_different_start_is_encoded_once_and_answered_as_without_the_cache(tiny,
+                                                                                                  monkeypatch):
+    """The prefix cache cannot reuse an image whose prompt differs before it; its encoding comes from the image
+    cache. Questions before the images, each new: every request misses the prefix."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from sparkles.generate import Chat
+    from sparkles.serve.server import ServeConfig, create_app
+
+    model, processor = tiny
+    encoded, real = [], model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda pixels: encoded.append(len(pixels)) or real(pixels))
+    images = [{"type": "image_url", "image_url": {"url": url(c)}} for c in ("red", "green")]
+
+    def ask_all(mb):
+        encoded.clear()
+        with TestClient(create_app(Chat(model, processor), ServeConfig(image_cache_mb=mb))) as client:
+            answers = [client.post("/v1/chat/completions", json={"model": "sparkles", "max_tokens": 5, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": question}, *images]}]}).json()
+                for question in ("First question?", "Another one entirely:", "Third.")]
+            return [a["choices"][0]["message"]["content"] for a in answers], list(encoded), \
+                client.get("/health").json()
+    cached, calls, health = ask_all(64)
+    plain, plain_calls, _ = ask_all(0)
+    # Without the image cache each request encodes both images: the prefix cache (on in both) never holds them.
+    assert cached == plain and calls == [2] and plain_calls == [2, 2, 2]
+    assert health["image_cache"]["features_hits"] == 4

@@ -144,12 +144,12 @@ class ServerMetrics:
             yield family
         if self._images is not None:
             images = self._images.stats()
-            for name, doc, suffix in (("sparkles_image_cache_hits", "Images found decoded (pixels) or preprocessed "
-                                       "(inputs) for an earlier request.", "hits"),
-                                      ("sparkles_image_cache_misses", "Images decoded or preprocessed anew.",
+            for name, doc, suffix in (("sparkles_image_cache_hits", "Images found decoded (pixels), preprocessed "
+                                       "(inputs) or encoded (features) for an earlier request.", "hits"),
+                                      ("sparkles_image_cache_misses", "Images decoded, preprocessed or encoded anew.",
                                        "misses")):
                 family = CounterMetricFamily(name, doc, labels=["model_name", "kind"])
-                for kind in ("pixels", "inputs"):
+                for kind in ("pixels", "inputs", "features"):
                     family.add_metric([self.model, kind], images[f"{kind}_{suffix}"])
                 yield family
             yield gauge("sparkles_image_cache_bytes", "Memory the kept images take.", images["bytes"])

@@ -55,7 +55,7 @@ class ServeConfig:
     max_batch: int = 8  # rows the engine decodes together (when the server builds the engine)
     max_queue: int = 64  # requests waiting to join the batch; past this the server answers 429
     prefix_cache_mb: float = 1024  # KV of recent prompts, to resume requests that start alike (their history); 0 = off
-    image_cache_mb: float = 256  # decoded images and their model inputs, by content hash (image_cache.py); 0 = off
+    image_cache_mb: float = 256  # images decoded, preprocessed and encoded, by content hash (image_cache.py); 0 = off
 
 
 # The app
@@ -94,6 +94,7 @@ def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
     app.state.engine, app.state.config, app.state.created = engine, config, int(time.time())
     app.state.workers, app.state.light, app.state.bodies = workers, light, bodies
     app.state.images = ImageCache(int(config.image_cache_mb * 2**20)) if config.image_cache_mb > 0 else None
+    engine.chat.features = app.state.images  # the engine's own Chat: images encoded for one request serve the next
     app.state.metrics = ServerMetrics(config.model_name, engine, workers, light, bodies, app.state.images)
     app.state.max_text_chars = config.max_text_chars or text_limit(engine.processor.config.max_seq_len,
                                                                    engine.processor.tokenizer)
@@ -316,7 +317,7 @@ def add_cli(commands) -> None:
                        help="when a request has none")
     serve.add_argument("--prefix-cache-mb", type=float, default=ServeConfig.prefix_cache_mb, help="0 turns it off")
     serve.add_argument("--image-cache-mb", type=float, default=ServeConfig.image_cache_mb,
-                       help="decoded images and their model inputs kept for requests that send them again; 0: off")
+                       help="images decoded, preprocessed and encoded, kept for requests that send them again; 0: off")
     serve.add_argument("--lookahead", type=int, default=0, metavar="K",
                        help="a request decoded alone and greedily checks K tokens guessed from the conversation a step")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
