@@ -60,7 +60,7 @@ def main() -> None:
             assert encoded.pixel_values.equal(reference.pixel_values), "the kept inputs differ from fresh ones"
     # Where the prefix cache misses (the prompt differs before an image), the server's Chat still finds each image's
     # encoding in the cache: the tower and connector on the five images, against looking them up.
-    chat, warm = Chat(model, processor), Chat(model, processor, features=cache)
+    chat, warm = Chat(model, processor), Chat(model, processor, image_cache=cache)
     with torch.inference_mode():
         fresh = chat.images(reference)
         warm.images(reference)  # kept once

@@ -96,10 +96,10 @@ class Engine:
     def from_chat(cls, chat: Chat, config: EngineConfig = EngineConfig()) -> Engine:
         return cls(chat.model, chat.processor, config)
 
-    def encode(self, conversation, cache=None) -> Encoded:
-        """Render a conversation whose images are loaded (their inputs kept in `cache`, an `ImageCache`, if given);
+    def encode(self, conversation) -> Encoded:
+        """Render a conversation whose images are loaded (their inputs kept in `chat.image_cache` where it is set);
         raises `SparklesError` for what a user must fix."""
-        return self.processor.encode(conversation, generation=True, cache=cache)
+        return self.processor.encode(conversation, generation=True, cache=self.chat.image_cache)
 
     def room(self, encoded: Encoded) -> int:
         """How many tokens an answer to this prompt may have before the context is full."""

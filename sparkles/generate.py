@@ -217,13 +217,13 @@ def nn_pad_left(x: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
 
 class Chat:
     """Model + processor: a conversation in, the assistant's answer out, streamed as text. `lookahead` > 0: greedy
-    answers check that many guessed tokens a step (`lookahead.py`). `features`, an `ImageCache` (the server's), keeps
-    each image's encoding by its content hash for later prompts that show it again: a server's prefix cache holds
+    answers check that many guessed tokens a step (`lookahead.py`). `image_cache`, an `ImageCache` (the server's),
+    keeps each image's encoding by its content hash for later prompts that show it again: a server's prefix cache holds
     an image only where the prompt before it is the same, and an edited or differently begun conversation would
     encode it again. The model must not change while it is set."""
 
-    def __init__(self, model, processor: Processor, *, lookahead: int = 0, features=None):
-        self.model, self.processor, self.lookahead, self.features = model, processor, lookahead, features
+    def __init__(self, model, processor: Processor, *, lookahead: int = 0, image_cache=None):
+        self.model, self.processor, self.lookahead, self.image_cache = model, processor, lookahead, image_cache
 
     @torch.inference_mode()
     def stream(self, conversation: Conversation, params: SamplingParams = SamplingParams()) -> Iterator[str]:
@@ -294,17 +294,20 @@ class Chat:
         return None if encoded.pixel_values is None else self.encode(encoded, range(len(encoded.image_hashes)))
 
     def encode(self, encoded, slots) -> torch.Tensor | None:
-        """(len(slots), K, D) features of the images in `slots`, each distinct one encoded once (those `features`
-        holds not at all), the rest in one call of the tower."""
+        """(len(slots), K, D) features of the images in `slots`, each distinct one encoded once (those
+        `image_cache` holds not at all), the rest in one call of the tower."""
         slots = list(slots)
         if not slots:
             return None
-        cache, hashes = self.features, encoded.image_hashes
+        hashes, cache = encoded.image_hashes, self.image_cache
         keys = [hashes[i] if hashes[i] is not None else i for i in slots]  # a slot without a hash is its own image
-        held = {k: cache.get(("features", k)) for k in dict.fromkeys(keys) if isinstance(k, str)} if cache else {}
-        new = [k for k in dict.fromkeys(keys) if held.get(k) is None]
+        first: dict = {}  # each distinct image's key -> the first of `slots` that shows it
+        for key, slot in zip(keys, slots):
+            first.setdefault(key, slot)
+        held = {k: cache.get(("features", k)) for k in first if isinstance(k, str)} if cache is not None else {}
+        new = [k for k in first if held.get(k) is None]
         if new:
-            fresh = self.model.encode_images(encoded.pixel_values[[slots[keys.index(k)] for k in new]])  # (U, K, D)
+            fresh = self.model.encode_images(encoded.pixel_values[[first[k] for k in new]])  # (U, K, D)
             for k, f in zip(new, fresh):
                 held[k] = f
                 if cache is not None and isinstance(k, str):  # a copy: a view would keep the whole batch alive

@@ -20,6 +20,8 @@ import collections
 import threading
 from collections.abc import Callable, Hashable
 
+KINDS = ("pixels", "inputs", "features")  # what is kept of an image: the first item of every key
+
 
 class ImageCache:
     """A bounded LRU keyed by (kind, ..., sha256); `max_bytes` 0 keeps nothing."""
@@ -66,5 +68,5 @@ class ImageCache:
     def stats(self) -> dict:
         with self._lock:
             return {"entries": len(self._entries), "bytes": self.nbytes, "capacity_bytes": self.capacity,
-                    **{k: self.counts[k] for k in ("pixels_hits", "pixels_misses", "inputs_hits", "inputs_misses",
-                                                   "features_hits", "features_misses", "evicted")}}
+                    **{f"{kind}_{k}": self.counts[f"{kind}_{k}"] for kind in KINDS for k in ("hits", "misses")},
+                    "evicted": self.counts["evicted"]}

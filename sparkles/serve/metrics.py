@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+from ..image_cache import KINDS
 from ..request import Event, Request
 
 # Seconds: from a small model's first token on a GPU to a long answer on a busy CPU.
@@ -94,71 +95,63 @@ class ServerMetrics:
 
     def collect(self):
         """The live counts, as the registry asks for them at a scrape."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily as C
+        from prometheus_client.core import GaugeMetricFamily as G
 
         engine, workers, light, bodies = self._sources
-        stats, model = engine.stats(), [self.model]
+        stats, held = engine.stats(), bodies.stats()
         cache = stats["prefix_cache"]
 
-        def gauge(name, doc, value, labels=(), values=()):
-            family = GaugeMetricFamily(name, doc, labels=["model_name", *labels])
-            family.add_metric(model + list(values), value)
-            return family
+        def family(kind, name, doc, value, label=None):
+            """A gauge or counter (`kind`): one value, or with `label` a {label value: value} dict."""
+            made = kind(name, doc, labels=["model_name"] + ([label] if label else []))
+            for extra, v in value.items() if label else [(None, value)]:
+                made.add_metric([self.model] + ([extra] if label else []), float(v))
+            return made
 
-        def counter(name, doc, value):
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(model, value)
-            return family
-
-        yield gauge("sparkles_engine_up", "1 while the engine's thread runs, else 0.", float(engine.alive))
-        yield gauge("sparkles_num_requests_running", "Requests in the batch being decoded.", stats["running"])
-        yield gauge("sparkles_num_requests_waiting", "Requests queued to join the batch.", stats["waiting"])
-        yield gauge("sparkles_batch_peak", "The most rows the batch has held.", stats.get("peak_batch", 0))
-        yield counter("sparkles_prefix_cache_hits", "Prompts that resumed from a held prefix.", cache["hits"])
-        yield counter("sparkles_prefix_cache_misses", "Prompts with no held prefix.", cache["misses"])
-        yield counter("sparkles_prefix_cache_reused_tokens", "Prompt positions taken from held prefixes instead of "
-                      "prefilled.", cache["tokens_reused"])
-        yield counter("sparkles_prefix_cache_stored", "Prefixes stored.", cache["stored"])
-        yield counter("sparkles_prefix_cache_evicted", "Prefixes evicted to stay within the cache's bound.",
-                      cache["evicted"])
-        yield gauge("sparkles_prefix_cache_entries", "Prefixes held.", cache["entries"])
-        yield gauge("sparkles_prefix_cache_bytes", "Memory the held prefixes take.", cache["bytes"])
-        yield gauge("sparkles_prefix_cache_capacity_bytes", "The prefix cache's bound (0: off).",
-                    cache["capacity_bytes"])
-        yield counter("sparkles_lookahead_steps", "Decoding steps that checked guessed tokens (prompt lookup).",
-                      stats.get("lookahead_steps", 0))
-        yield counter("sparkles_lookahead_tokens", "Tokens those steps gave.", stats.get("lookahead_tokens", 0))
-        pools = [("heavy", workers.stats()), ("light", light.stats())]
-        for name, doc, key, kind in (
-                ("sparkles_prepare_workers", "Threads that prepare requests (images, text).", "workers", "gauge"),
-                ("sparkles_prepare_busy", "Of those, the ones at work.", "busy", "gauge"),
-                ("sparkles_prepare_waiting", "Requests waiting for one.", "waiting", "gauge"),
-                ("sparkles_prepare_degraded", "1 where a request waited too long or every thread is stuck.",
-                 "degraded", "gauge"),
-                ("sparkles_prepare_refused", "Requests refused for want of a thread.", "refused", "counter"),
-                ("sparkles_prepare_abandoned", "Requests that gave up waiting.", "abandoned", "counter")):
-            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc,
-                                                                                      labels=["model_name", "pool"])
-            for pool, values in pools:
-                family.add_metric([self.model, pool], float(values[key]))
-            yield family
+        yield family(G, "sparkles_engine_up", "1 while the engine's thread runs, else 0.", engine.alive)
+        yield family(G, "sparkles_num_requests_running", "Requests in the batch being decoded.", stats["running"])
+        yield family(G, "sparkles_num_requests_waiting", "Requests queued to join the batch.", stats["waiting"])
+        yield family(G, "sparkles_batch_peak", "The most rows the batch has held.", stats.get("peak_batch", 0))
+        yield family(C, "sparkles_prefix_cache_hits", "Prompts that resumed from a held prefix.", cache["hits"])
+        yield family(C, "sparkles_prefix_cache_misses", "Prompts with no held prefix.", cache["misses"])
+        yield family(C, "sparkles_prefix_cache_reused_tokens", "Prompt positions taken from held prefixes instead of "
+                     "prefilled.", cache["tokens_reused"])
+        yield family(C, "sparkles_prefix_cache_stored", "Prefixes stored.", cache["stored"])
+        yield family(C, "sparkles_prefix_cache_evicted", "Prefixes evicted to stay within the cache's bound.",
+                     cache["evicted"])
+        yield family(G, "sparkles_prefix_cache_entries", "Prefixes held.", cache["entries"])
+        yield family(G, "sparkles_prefix_cache_bytes", "Memory the held prefixes take.", cache["bytes"])
+        yield family(G, "sparkles_prefix_cache_capacity_bytes", "The prefix cache's bound (0: off).",
+                     cache["capacity_bytes"])
+        yield family(C, "sparkles_lookahead_steps", "Decoding steps that checked guessed tokens (prompt lookup).",
+                     stats.get("lookahead_steps", 0))
+        yield family(C, "sparkles_lookahead_tokens", "Tokens those steps gave.", stats.get("lookahead_tokens", 0))
+        pools = {"heavy": workers.stats(), "light": light.stats()}
+        for kind, name, doc, key in (
+                (G, "sparkles_prepare_workers", "Threads that prepare requests (images, text).", "workers"),
+                (G, "sparkles_prepare_busy", "Of those, the ones at work.", "busy"),
+                (G, "sparkles_prepare_waiting", "Requests waiting for one.", "waiting"),
+                (G, "sparkles_prepare_degraded", "1 where a request waited too long or every thread is stuck.",
+                 "degraded"),
+                (C, "sparkles_prepare_refused", "Requests refused for want of a thread.", "refused"),
+                (C, "sparkles_prepare_abandoned", "Requests that gave up waiting.", "abandoned")):
+            yield family(kind, name, doc, {pool: counts[key] for pool, counts in pools.items()}, "pool")
         if self._images is not None:
             images = self._images.stats()
-            for name, doc, suffix in (("sparkles_image_cache_hits", "Images found decoded (pixels), preprocessed "
-                                       "(inputs) or encoded (features) for an earlier request.", "hits"),
-                                      ("sparkles_image_cache_misses", "Images decoded, preprocessed or encoded anew.",
-                                       "misses")):
-                family = CounterMetricFamily(name, doc, labels=["model_name", "kind"])
-                for kind in ("pixels", "inputs", "features"):
-                    family.add_metric([self.model, kind], images[f"{kind}_{suffix}"])
-                yield family
-            yield gauge("sparkles_image_cache_bytes", "Memory the kept images take.", images["bytes"])
-            yield gauge("sparkles_image_cache_entries", "Decoded images and inputs kept.", images["entries"])
-            yield counter("sparkles_image_cache_evicted", "Entries evicted to stay within the bound.",
-                          images["evicted"])
-        held = bodies.stats()
-        yield gauge("sparkles_body_bytes", "Bytes of request bodies being read, parsed or prepared.", held["bytes"])
-        yield gauge("sparkles_body_limit_bytes", "The bound on those bytes.", held["limit"])
-        yield gauge("sparkles_body_peak_bytes", "The most those bytes have been.", held["peak"])
-        yield counter("sparkles_body_refused", "Bodies refused for want of room.", held["refused"])
-        yield counter("sparkles_body_timed_out", "Bodies that did not arrive in time.", held["timed_out"])
+            for outcome, doc in (("hits", "Images found decoded (pixels), preprocessed (inputs) or encoded "
+                                  "(features) for an earlier request."),
+                                 ("misses", "Images decoded, preprocessed or encoded anew.")):
+                yield family(C, f"sparkles_image_cache_{outcome}", doc,
+                             {kind: images[f"{kind}_{outcome}"] for kind in KINDS}, "kind")
+            yield family(G, "sparkles_image_cache_bytes", "Memory the kept images take.", images["bytes"])
+            yield family(G, "sparkles_image_cache_entries", "Decoded images, inputs and encodings kept.",
+                         images["entries"])
+            yield family(C, "sparkles_image_cache_evicted", "Entries evicted to stay within the bound.",
+                         images["evicted"])
+        yield family(G, "sparkles_body_bytes", "Bytes of request bodies being read, parsed or prepared.",
+                     held["bytes"])
+        yield family(G, "sparkles_body_limit_bytes", "The bound on those bytes.", held["limit"])
+        yield family(G, "sparkles_body_peak_bytes", "The most those bytes have been.", held["peak"])
+        yield family(C, "sparkles_body_refused", "Bodies refused for want of room.", held["refused"])
+        yield family(C, "sparkles_body_timed_out", "Bodies that did not arrive in time.", held["timed_out"])

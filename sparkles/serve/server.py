@@ -94,7 +94,7 @@ def create_app(chat_or_engine, config: ServeConfig = ServeConfig()):
     app.state.engine, app.state.config, app.state.created = engine, config, int(time.time())
     app.state.workers, app.state.light, app.state.bodies = workers, light, bodies
     app.state.images = ImageCache(int(config.image_cache_mb * 2**20)) if config.image_cache_mb > 0 else None
-    engine.chat.features = app.state.images  # the engine's own Chat: images encoded for one request serve the next
+    engine.chat.image_cache = app.state.images  # the engine's own Chat: what one request made serves the next
     app.state.metrics = ServerMetrics(config.model_name, engine, workers, light, bodies, app.state.images)
     app.state.max_text_chars = config.max_text_chars or text_limit(engine.processor.config.max_seq_len,
                                                                    engine.processor.tokenizer)
@@ -183,19 +183,18 @@ async def _prepare(http, state):
         pixels = peek_pixels(conversation, max_images)
         pool = state.light if pixels is not None and pixels < config.light_pixels else state.workers
         handle = await pool.run(_start, engine, request, conversation, config, asyncio.get_running_loop(),
-                                state.images, timeout=2 * config.image_timeout + 1,
-                                on_late=lambda late: late.cancel())
+                                timeout=2 * config.image_timeout + 1, on_late=lambda late: late.cancel())
         return handle, request.stream, request.include_usage
     finally:
         lease.release()
 
 
-def _start(engine: Engine, request: ChatRequest, conversation: Conversation, config: ServeConfig, loop,
-           images: ImageCache | None):
+def _start(engine: Engine, request: ChatRequest, conversation: Conversation, config: ServeConfig, loop):
     """Load, render and submit (in a worker thread: images decode here, not on the event loop)."""
     max_images = config.max_images or engine.processor.config.max_images
     try:
-        encoded = engine.encode(load_request_images(conversation, config, max_images, cache=images), images)
+        loaded = load_request_images(conversation, config, max_images, cache=engine.chat.image_cache)
+        encoded = engine.encode(loaded)
     finally:
         if conversation.slots:  # the decoded pixels are garbage now, refused or not
             release_memory()
