@@ -88,14 +88,18 @@ def serve(chat: Chat, caches: tuple[float, float]) -> Server:
 PHOTOS = False  # --photos: 1024 x 768 JPEGs, as a phone or camera sends them, instead of 96 px PNG drawings
 
 
-@functools.cache
 def image_url(i: int) -> str:
     """A 96 px PNG with two shapes, or with --photos a 1024 x 768 JPEG (quality 90, noisy gradients and the same
     shapes, about 280 kB), different for every `i`."""
-    scale = 1024 / 96 if PHOTOS else 1
-    size = (1024, 768) if PHOTOS else (96, 96)
+    return _image_url(i, PHOTOS)
+
+
+@functools.cache  # a client holds its images' URLs; making a photo takes longer than sending it
+def _image_url(i: int, photos: bool) -> str:
+    scale = 1024 / 96 if photos else 1
+    size = (1024, 768) if photos else (96, 96)
     image = PILImage.new("RGB", size, COLORS[i % len(COLORS)])
-    if PHOTOS:
+    if photos:
         rng = np.random.default_rng(i)
         y, x = np.mgrid[0:size[1], 0:size[0]]
         light = np.stack([(x / 4 + 30 * i) % 256, (y / 3) % 256, ((x + y) / 5) % 256], -1)
@@ -104,7 +108,7 @@ def image_url(i: int) -> str:
     draw = ImageDraw.Draw(image)
     draw.rectangle(tuple(round(v * scale) for v in (8 + 3 * i, 10, 40 + 3 * i, 44)), fill=COLORS[(i + 3) % len(COLORS)])
     draw.ellipse(tuple(round(v * scale) for v in (50, 48 - 2 * i, 86, 84 - 2 * i)), fill=COLORS[(i + 5) % len(COLORS)])
-    return to_data_uri(image, "JPEG" if PHOTOS else "PNG")
+    return to_data_uri(image, "JPEG" if photos else "PNG")
 
 
 def user_turn(text: str, images: list[str]) -> dict:
